@@ -1,0 +1,326 @@
+"""Tensor codec: runs the stages prune -> quantize -> sparse positions -> Huffman for one
+tensor and chooses its layout; and the mirror path, one tensor from its streams.
+
+:func:`write_dcz` and :func:`read_dcz` are the file-level entry points: named tensors
+plus an opaque graph blob and a metadata map in, the same out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+from . import huffman, prune, quantize, sparse
+from .constants import (
+    FLOAT_DTYPES,
+    LAYOUT_STREAMS,
+    MAX_CODE_BITS,
+    MAX_INDEX_BITS,
+    NUMPY_DTYPES,
+    Coding,
+    DType,
+    Layout,
+    StreamKind,
+    TensorKind,
+)
+from .container import DczFile, DczWriter, ReadLimits, StreamEntry, TensorEntry, crc32, open_dcz
+from .errors import CorruptError, InputError
+
+__all__ = [
+    "CompressSettings",
+    "TensorInput",
+    "EncodedTensor",
+    "encode_tensor",
+    "decode_tensor",
+    "write_dcz",
+    "read_dcz",
+    "iter_tensors",
+    "dtype_of",
+]
+
+LAYOUT_CHOICES = ("auto", "dense", "sparse")
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """How to compress one tensor. At most one pruning rule may be set.
+
+    Attributes:
+        bits: codebook size is at most ``2**bits`` (the paper: 8 for conv, 5 for fc).
+        sparsity: prune this fraction of the weights, smallest magnitudes first.
+        quality: Han et al.'s rule, prune ``|w| < quality * std(w)``.
+        threshold: prune ``|w| <= threshold`` (what a global magnitude threshold resolves to).
+        init: k-means initialisation, ``linear`` (the paper's winner), ``density`` or ``random``.
+        index_bits: relative-index field width for the sparse layout (paper: 8 conv, 5 fc).
+        layout: ``auto`` picks the smaller of dense and sparse; or force one.
+        seed: for ``random`` init.
+    """
+
+    bits: int = 8
+    sparsity: float | None = None
+    quality: float | None = None
+    threshold: float | None = None
+    init: str = "linear"
+    index_bits: int = 8
+    layout: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= MAX_CODE_BITS:
+            raise InputError(f"bits {self.bits} is outside 1..{MAX_CODE_BITS}")
+        if not 1 <= self.index_bits <= MAX_INDEX_BITS:
+            raise InputError(f"index_bits {self.index_bits} is outside 1..{MAX_INDEX_BITS}")
+        if sum(x is not None for x in (self.sparsity, self.quality, self.threshold)) > 1:
+            raise InputError("give at most one pruning rule: sparsity, quality or threshold")
+        if self.sparsity is not None and not 0.0 <= self.sparsity <= 1.0:
+            raise InputError(f"sparsity {self.sparsity} is outside [0, 1]")
+        if self.quality is not None and not self.quality >= 0:
+            raise InputError(f"quality {self.quality} must be >= 0")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise InputError(f"threshold {self.threshold} must be >= 0")
+        if self.init not in quantize.INITS:
+            raise InputError(f"init {self.init!r} is not one of {', '.join(quantize.INITS)}")
+        if self.layout not in LAYOUT_CHOICES:
+            raise InputError(f"layout {self.layout!r} is not one of {', '.join(LAYOUT_CHOICES)}")
+
+
+class TensorInput(NamedTuple):
+    """A named tensor to store; ``settings=None`` stores it raw (bit-exact).
+
+    ``dtype`` defaults to the array's; pass ``DType.BFLOAT16`` for bfloat16 given as
+    uint16 bit patterns (``ml_dtypes.bfloat16`` arrays are recognised by themselves).
+    """
+
+    name: str
+    array: np.ndarray
+    settings: CompressSettings | None = None
+    dtype: DType | None = None
+    kind: int = TensorKind.OTHER
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One tensor ready for the container, with the exact values decoding will return."""
+
+    entry: TensorEntry
+    payloads: tuple[bytes, ...]
+    reference: np.ndarray
+    note: str = ""  # why a tensor asked to be compressed was stored raw
+
+
+_NUMPY_TO_DTYPE = {np.dtype(v).newbyteorder("="): k for k, v in NUMPY_DTYPES.items() if k != DType.BFLOAT16}
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def dtype_of(array: np.ndarray) -> DType:
+    """The element type code of a numpy array (``ml_dtypes.bfloat16`` -> BFLOAT16)."""
+    if array.dtype == _BF16:
+        return DType.BFLOAT16
+    try:
+        return _NUMPY_TO_DTYPE[array.dtype.newbyteorder("=")]
+    except KeyError:
+        raise InputError(f"arrays of dtype {array.dtype} cannot be stored") from None
+
+
+def _storage_array(t: TensorInput) -> tuple[DType, np.ndarray]:
+    arr = np.asarray(t.array)
+    if arr.dtype == _BF16:
+        arr = arr.view(np.uint16)
+        dtype = t.dtype or DType.BFLOAT16
+    else:
+        dtype = t.dtype if t.dtype is not None else dtype_of(arr)
+    want = NUMPY_DTYPES[dtype]
+    if dtype == DType.BFLOAT16 and arr.dtype.kind not in "ui" or arr.dtype.itemsize != want.itemsize:
+        raise InputError(f"tensor {t.name!r}: array of {arr.dtype} cannot hold {dtype.name} values")
+    return dtype, np.ascontiguousarray(arr, dtype=want)
+
+
+def _as_float(stored: np.ndarray, dtype: DType) -> np.ndarray:
+    """Numeric values of stored elements (bfloat16 bits widened to float32 exactly)."""
+    if dtype == DType.BFLOAT16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored
+
+
+def _rounding_dtype(dtype: DType) -> np.dtype:
+    return _BF16 if dtype == DType.BFLOAT16 else NUMPY_DTYPES[dtype].newbyteorder("=")
+
+
+def _raw(name: str, dtype: DType, stored: np.ndarray, kind: int, note: str = "") -> EncodedTensor:
+    payload = stored.tobytes()
+    stream = StreamEntry(StreamKind.RAW, Coding.PLAIN, len(payload), crc32(payload), 8 * len(payload))
+    entry = TensorEntry(name, dtype, Layout.RAW, int(kind), tuple(int(d) for d in stored.shape), (stream,))
+    return EncodedTensor(entry, (payload,), stored, note)
+
+
+def _mask(values: np.ndarray, s: CompressSettings, name: str) -> np.ndarray:
+    if s.sparsity is not None:
+        return prune.prune_by_sparsity(values, s.sparsity, name=name)
+    if s.quality is not None:
+        return prune.prune_by_std(values, s.quality, name=name)
+    if s.threshold is not None:
+        return prune.prune_by_threshold(values, s.threshold, name=name)
+    return values != 0
+
+
+def _huffman_stream(kind: StreamKind, symbols: np.ndarray, alphabet: int) -> tuple[StreamEntry, bytes]:
+    payload, _, _ = huffman.encode_stream(symbols, alphabet)
+    freq = np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, dtype=np.int64)
+    ent = math.ceil(huffman.entropy_bits(freq))
+    return StreamEntry(kind, Coding.HUFFMAN, len(payload), crc32(payload), ent), payload
+
+
+def _coded_size(symbols: np.ndarray, alphabet: int) -> int:
+    freq = np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, dtype=np.int64)
+    return huffman.encoded_size(freq, huffman.build_table(freq), alphabet)
+
+
+def encode_tensor(t: TensorInput) -> EncodedTensor:
+    """Compress one tensor as ``t.settings`` asks, or store it raw.
+
+    Tensors are stored raw, with a note saying why, when they are not float, empty,
+    hold NaN or Inf (a codebook cannot represent them; raw keeps the model exact),
+    or when coding would not make them smaller.
+    """
+    if not isinstance(t.name, str) or not t.name:
+        raise InputError(f"tensor name must be a non-empty string, not {t.name!r}")
+    dtype, stored = _storage_array(t)
+    s = t.settings
+    if s is None:
+        return _raw(t.name, dtype, stored, t.kind)
+    if dtype not in FLOAT_DTYPES:
+        return _raw(t.name, dtype, stored, t.kind, f"{dtype.name} is not a float type")
+    if stored.size == 0:
+        return _raw(t.name, dtype, stored, t.kind, "empty tensor")
+    values = _as_float(stored, dtype).reshape(-1)
+    if not np.isfinite(values).all():
+        return _raw(t.name, dtype, stored, t.kind, "holds NaN or Inf")
+
+    mask = _mask(values, s, t.name)
+    kept = values[mask]
+    include_zero = kept.size < values.size
+    k = 1 << s.bits
+    if kept.size == 0:
+        codebook = np.zeros(1, dtype=_rounding_dtype(dtype))
+        codes_kept = np.zeros(0, dtype=np.uint16)
+    else:
+        codebook, codes_kept = quantize.build_codebook(
+            kept, k, storage=_rounding_dtype(dtype), include_zero=include_zero, init=s.init, seed=s.seed
+        )
+    codebook = np.ascontiguousarray(codebook).view(NUMPY_DTYPES[dtype]) if dtype == DType.BFLOAT16 else (
+        np.ascontiguousarray(codebook, dtype=NUMPY_DTYPES[dtype])
+    )
+    cb_size = len(codebook)
+    codes_full = np.zeros(values.size, dtype=np.uint16)
+    if include_zero:
+        zero = np.flatnonzero(_as_float(codebook, dtype) == 0)
+        codes_full[:] = zero[0]
+    codes_full[mask] = codes_kept
+    del values, kept
+
+    layout = Layout.DENSE
+    if include_zero and s.layout != "dense":
+        positions = np.flatnonzero(mask)
+        entries = sparse.encode_positions(positions, s.index_bits)
+        if s.layout == "sparse" or (
+            _coded_size(codes_kept, cb_size) + _coded_size(entries, 1 << s.index_bits)
+            < _coded_size(codes_full, cb_size)
+        ):
+            layout = Layout.SPARSE
+
+    cb_payload = codebook.tobytes()
+    streams = [StreamEntry(StreamKind.CODEBOOK, Coding.PLAIN, len(cb_payload), crc32(cb_payload), 8 * len(cb_payload))]
+    payloads = [cb_payload]
+    if layout == Layout.DENSE:
+        entry, payload = _huffman_stream(StreamKind.CODES, codes_full, cb_size)
+        streams.append(entry)
+        payloads.append(payload)
+        nnz, n_entries, index_bits = int(stored.size), 0, 0
+    else:
+        for kind, symbols, alphabet in (
+            (StreamKind.CODES, codes_kept, cb_size),
+            (StreamKind.POSITIONS, entries, 1 << s.index_bits),
+        ):
+            entry, payload = _huffman_stream(kind, symbols, alphabet)
+            streams.append(entry)
+            payloads.append(payload)
+        nnz, n_entries, index_bits = int(codes_kept.size), int(entries.size), s.index_bits
+    if sum(len(p) for p in payloads) >= stored.nbytes:
+        return _raw(t.name, dtype, stored, t.kind, "coding would not make it smaller")
+    entry = TensorEntry(
+        t.name, dtype, layout, int(t.kind), tuple(int(d) for d in stored.shape), tuple(streams),
+        codebook_size=cb_size, code_bits=s.bits, index_bits=index_bits, nnz=nnz, position_entries=n_entries,
+    )
+    reference = codebook[codes_full].reshape(stored.shape)
+    return EncodedTensor(entry, tuple(payloads), reference)
+
+
+def decode_tensor(entry: TensorEntry, payloads: list[bytes]) -> np.ndarray:
+    """The tensor's values from its streams (bfloat16 as uint16 bits). Validates every stream."""
+    np_dtype = NUMPY_DTYPES[entry.dtype]
+    if len(payloads) != len(LAYOUT_STREAMS[entry.layout]):
+        raise CorruptError(f"tensor {entry.name!r}: expected {len(LAYOUT_STREAMS[entry.layout])} streams")
+    if entry.layout == Layout.RAW:
+        return np.frombuffer(payloads[0], dtype=np_dtype, count=entry.numel).reshape(entry.shape).copy()
+    what = f"tensor {entry.name!r}"
+    codebook = np.frombuffer(payloads[0], dtype=np_dtype, count=entry.codebook_size)
+    cb_values = _as_float(codebook, entry.dtype)
+    if not np.isfinite(cb_values).all() or np.any(np.diff(cb_values) <= 0):
+        raise CorruptError(f"{what}: codebook values must be finite and strictly increasing")
+    codes = huffman.decode_stream(payloads[1], entry.nnz, entry.codebook_size, f"{what} codes")
+    if entry.layout == Layout.DENSE:
+        return codebook[codes].reshape(entry.shape)
+    entries = huffman.decode_stream(payloads[2], entry.position_entries, 1 << entry.index_bits, f"{what} positions")
+    positions = sparse.decode_positions(entries, entry.index_bits, entry.numel, f"{what} positions")
+    if positions.size != entry.nnz:
+        raise CorruptError(f"{what}: position stream places {positions.size} elements, the record says {entry.nnz}")
+    out = np.zeros(entry.numel, dtype=np_dtype)
+    out[positions] = codebook[codes]
+    return out.reshape(entry.shape)
+
+
+def write_dcz(
+    path: str | os.PathLike,
+    tensors: Iterable[TensorInput],
+    *,
+    graph: bytes = b"",
+    metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[EncodedTensor], None] | None = None,
+) -> int:
+    """Encode tensors one at a time into a .dcz file written atomically; returns its size.
+
+    ``on_tensor`` sees each :class:`EncodedTensor` (its entry, payloads and reference
+    values) as it is written, so callers can keep what they need and memory stays
+    bounded by the largest tensor.
+    """
+    with DczWriter(path) as writer:
+        for t in tensors:
+            enc = encode_tensor(t)
+            writer.add_tensor(enc.entry, enc.payloads)
+            if on_tensor is not None:
+                on_tensor(enc)
+        return writer.finish(graph, metadata or {})
+
+
+def iter_tensors(f: DczFile) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    """Decode the tensors of an open file in index order."""
+    for entry in f.tensors:
+        yield entry, decode_tensor(entry, f.read_streams(entry))
+
+
+class DczContents(NamedTuple):
+    tensors: dict[str, np.ndarray]
+    graph: bytes
+    metadata: dict[str, str]
+
+
+def read_dcz(path: str | os.PathLike, limits: ReadLimits | None = None) -> DczContents:
+    """Read and decode a whole .dcz file."""
+    with open_dcz(path, limits) as f:
+        tensors = {e.name: arr for e, arr in iter_tensors(f)}
+        return DczContents(tensors, f.graph(), dict(f.metadata))
