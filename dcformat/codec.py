@@ -7,6 +7,7 @@ plus an opaque graph blob and a metadata map in, the same out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def _storage_array(t: TensorInput) -> tuple[DType, np.ndarray]:
     want = NUMPY_DTYPES[dtype]
     if dtype == DType.BFLOAT16 and arr.dtype.kind not in "ui" or arr.dtype.itemsize != want.itemsize:
         raise InputError(f"tensor {t.name!r}: array of {arr.dtype} cannot hold {dtype.name} values")
-    return dtype, np.ascontiguousarray(arr, dtype=want)
+    return dtype, np.asarray(arr, dtype=want, order="C")
 
 
 def _as_float(stored: np.ndarray, dtype: DType) -> np.ndarray:
@@ -257,6 +258,8 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
         codebook_size=cb_size, code_bits=s.bits, index_bits=index_bits, nnz=nnz, position_entries=n_entries,
     )
     reference = codebook[codes_full].reshape(stored.shape)
+    zeros = int(stored.size - np.count_nonzero(_as_float(reference, dtype)))
+    entry = dataclasses.replace(entry, zeros=zeros)
     return EncodedTensor(entry, tuple(payloads), reference)
 
 
@@ -274,14 +277,21 @@ def decode_tensor(entry: TensorEntry, payloads: list[bytes]) -> np.ndarray:
         raise CorruptError(f"{what}: codebook values must be finite and strictly increasing")
     codes = huffman.decode_stream(payloads[1], entry.nnz, entry.codebook_size, f"{what} codes")
     if entry.layout == Layout.DENSE:
-        return codebook[codes].reshape(entry.shape)
+        return _check_zeros(entry, codebook[codes].reshape(entry.shape))
     entries = huffman.decode_stream(payloads[2], entry.position_entries, 1 << entry.index_bits, f"{what} positions")
     positions = sparse.decode_positions(entries, entry.index_bits, entry.numel, f"{what} positions")
     if positions.size != entry.nnz:
         raise CorruptError(f"{what}: position stream places {positions.size} elements, the record says {entry.nnz}")
     out = np.zeros(entry.numel, dtype=np_dtype)
     out[positions] = codebook[codes]
-    return out.reshape(entry.shape)
+    return _check_zeros(entry, out.reshape(entry.shape))
+
+
+def _check_zeros(entry: TensorEntry, out: np.ndarray) -> np.ndarray:
+    zeros = out.size - np.count_nonzero(_as_float(out, entry.dtype))
+    if zeros != entry.zeros:
+        raise CorruptError(f"tensor {entry.name!r}: decodes to {zeros} zeros, the record says {entry.zeros}")
+    return out
 
 
 def write_dcz(

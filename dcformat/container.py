@@ -60,12 +60,12 @@ __all__ = [
     "open_dcz",
 ]
 
-_HEADER = struct.Struct("<8sHHIIII4x")  # magic, major, minor, section_count, flags, reserved, reserved, (crc after)
+_HEADER = struct.Struct("<8sHHIIII")  # magic, major, minor, section_count, flags, reserved, reserved; CRC follows
 _HEADER_CRC = struct.Struct("<I")
 _SECTION = struct.Struct("<HHIQQQ")  # kind, flags, crc32, offset, length, reserved
 _INDEX_HEAD = struct.Struct("<II")  # tensor_count, reserved
 _TENSOR_HEAD = struct.Struct("<BBBB")  # dtype, layout, kind, ndim
-_QUANT = struct.Struct("<IBBHQQ")  # codebook_size, code_bits, index_bits, flags, nnz, position_entries
+_QUANT = struct.Struct("<IBBHQQQ")  # codebook_size, code_bits, index_bits, flags, nnz, position_entries, zeros
 _STREAM = struct.Struct("<BBHIQQ")  # kind, coding, reserved, crc32, length, entropy_bits
 assert _HEADER.size + _HEADER_CRC.size == HEADER_SIZE and _SECTION.size == SECTION_ENTRY_SIZE
 
@@ -129,6 +129,7 @@ class TensorEntry:
     index_bits: int = 0
     nnz: int = 0
     position_entries: int = 0
+    zeros: int = 0  # elements that decode to zero (codebook layouts)
 
     @property
     def numel(self) -> int:
@@ -168,7 +169,7 @@ def _pack_record(t: TensorEntry) -> bytes:
     parts = [struct.pack("<H", len(name)), name, _TENSOR_HEAD.pack(t.dtype, t.layout, t.kind, len(t.shape))]
     parts.append(struct.pack(f"<{len(t.shape)}Q", *t.shape))
     if t.layout != Layout.RAW:
-        parts.append(_QUANT.pack(t.codebook_size, t.code_bits, t.index_bits, 0, t.nnz, t.position_entries))
+        parts.append(_QUANT.pack(t.codebook_size, t.code_bits, t.index_bits, 0, t.nnz, t.position_entries, t.zeros))
     parts.append(struct.pack("<B", len(t.streams)))
     for s in t.streams:
         parts.append(_STREAM.pack(s.kind, s.coding, 0, s.crc32, s.length, s.entropy_bits))
@@ -318,9 +319,9 @@ def _parse_record(cur: _Cursor, limits: ReadLimits) -> TensorEntry:
         raise LimitError(
             f"tensor {name!r}: shape {list(shape)} has {numel} elements, above the limit {limits.max_tensor_elements}"
         )
-    quant = dict(codebook_size=0, code_bits=0, index_bits=0, nnz=0, position_entries=0)
+    quant = dict(codebook_size=0, code_bits=0, index_bits=0, nnz=0, position_entries=0, zeros=0)
     if layout != Layout.RAW:
-        cb, code_bits, index_bits, flags, nnz, entries = cur.unpack(_QUANT, f"tensor {name!r} codebook fields")
+        cb, code_bits, index_bits, flags, nnz, entries, zeros = cur.unpack(_QUANT, f"tensor {name!r} codebook fields")
         if dtype not in (DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.FLOAT64):
             raise CorruptError(f"tensor {name!r}: layout {layout.name} needs a float type, not {dtype.name}")
         if flags:
@@ -349,7 +350,11 @@ def _parse_record(cur: _Cursor, limits: ReadLimits) -> TensorEntry:
                 raise CorruptError(
                     f"tensor {name!r}: {entries} position entries would run past its {numel} elements (at most {max_entries})"
                 )
-        quant = dict(codebook_size=cb, code_bits=code_bits, index_bits=index_bits, nnz=nnz, position_entries=entries)
+        if zeros > numel or (layout == Layout.SPARSE and zeros < numel - nnz):
+            raise CorruptError(f"tensor {name!r}: zero count {zeros} is impossible for {numel} elements and {nnz} stored")
+        quant = dict(
+            codebook_size=cb, code_bits=code_bits, index_bits=index_bits, nnz=nnz, position_entries=entries, zeros=zeros
+        )
     (n_streams,) = cur.unpack(struct.Struct("<B"), f"tensor {name!r} stream count")
     expected = LAYOUT_STREAMS[layout]
     if n_streams != len(expected):

@@ -1,0 +1,35 @@
+"""Golden bytes: the committed tiny.dcz decodes to its committed sources, and re-encoding them gives the same bytes."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dcformat.codec import read_dcz
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+GOLDEN_SHA256 = "064450b1e5c68f0e353d9d08fe6887fd89d038c1499ee087e4349e054ab8967f"
+
+
+def test_golden_bytes_are_pinned():
+    assert hashlib.sha256((DATA / "tiny.dcz").read_bytes()).hexdigest() == GOLDEN_SHA256
+
+
+def test_golden_decodes_to_sources():
+    contents = read_dcz(DATA / "tiny.dcz")
+    with np.load(DATA / "tiny_source.npz") as src:
+        # Every source tensor has <= 2**bits distinct values, so it must come back exactly.
+        assert set(contents.tensors) == set(src.files)
+        for name in src.files:
+            assert contents.tensors[name].dtype == src[name].dtype
+            np.testing.assert_array_equal(contents.tensors[name], src[name])
+    assert contents.metadata == {"dcz.graph_format": "", "example": "tiny"}
+
+
+def test_encoder_reproduces_golden_and_example():
+    # Rebuilds the file and spec/example.md from the sources and compares byte for byte.
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "make_golden.py"), "--check"], capture_output=True)
+    assert result.returncode == 0, "encoder output or spec/example.md drifted from the golden file"
