@@ -40,6 +40,10 @@ class SectionKind(enum.IntEnum):
 
 #: Section flag bit: a reader that does not know this section kind must refuse the file.
 SECTION_FLAG_REQUIRED = 0x0001
+#: Section flag bit: the section's bytes are an .xz stream (LZMA2) of its content. Graph protobufs
+#: and tensor names compress 4-14x; DATA is already entropy-coded and never has this flag.
+SECTION_FLAG_XZ = 0x0002
+SECTION_FLAGS_KNOWN = SECTION_FLAG_REQUIRED | SECTION_FLAG_XZ
 #: Sections a version-1.0 file must contain, each exactly once.
 REQUIRED_SECTIONS = (SectionKind.META, SectionKind.GRAPH, SectionKind.INDEX, SectionKind.DATA)
 

@@ -11,6 +11,7 @@ index (everything ``dcz inspect`` needs); payloads are read per tensor afterward
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import struct
 import tempfile
@@ -38,6 +39,8 @@ from .constants import (
     REQUIRED_SECTIONS,
     SECTION_ENTRY_SIZE,
     SECTION_FLAG_REQUIRED,
+    SECTION_FLAG_XZ,
+    SECTION_FLAGS_KNOWN,
     STREAM_CODINGS,
     VERSION_MAJOR,
     VERSION_MINOR,
@@ -70,10 +73,6 @@ _STREAM = struct.Struct("<BBHIQQ")  # kind, coding, reserved, crc32, length, ent
 assert _HEADER.size + _HEADER_CRC.size == HEADER_SIZE and _SECTION.size == SECTION_ENTRY_SIZE
 
 _KNOWN_SECTIONS = frozenset(int(k) for k in SectionKind)
-
-#: Bytes read per call when checksumming or copying large sections, to bound memory.
-_CHUNK = 1 << 24
-
 
 def crc32(data: bytes | memoryview, value: int = 0) -> int:
     return zlib.crc32(data, value) & 0xFFFFFFFF
@@ -227,9 +226,10 @@ class DczWriter:
             offset = self._data_start
             sections.append(SectionEntry(SectionKind.DATA, SECTION_FLAG_REQUIRED, 0, offset, self._data_length))
             offset += self._data_length
-            for kind, payload in ((SectionKind.INDEX, index), (SectionKind.GRAPH, bytes(graph)), (SectionKind.META, meta)):
+            for kind, content in ((SectionKind.INDEX, index), (SectionKind.GRAPH, bytes(graph)), (SectionKind.META, meta)):
+                payload, flags = _maybe_xz(content)
                 f.write(payload)
-                sections.append(SectionEntry(kind, SECTION_FLAG_REQUIRED, crc32(payload), offset, len(payload)))
+                sections.append(SectionEntry(kind, flags, crc32(payload), offset, len(payload)))
                 offset += len(payload)
             head = _HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(sections), 0, 0, 0)
             table = b"".join(_SECTION.pack(s.kind, s.flags, s.crc32, s.offset, s.length, 0) for s in sections)
@@ -261,6 +261,31 @@ class DczWriter:
     def __exit__(self, *exc) -> None:
         if self._f is not None:
             self.abort()
+
+
+def _maybe_xz(content: bytes) -> tuple[bytes, int]:
+    """The section's stored bytes and flags: xz-compressed when that is smaller."""
+    packed = lzma.compress(content, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME)
+    if len(packed) < len(content):
+        return packed, SECTION_FLAG_REQUIRED | SECTION_FLAG_XZ
+    return content, SECTION_FLAG_REQUIRED
+
+
+def _unxz(data: bytes, limit: int, what: str) -> bytes:
+    """Decompress an .xz section, refusing output beyond ``limit`` bytes (decompression bombs) and
+    anything but exactly one complete stream."""
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    try:
+        out = d.decompress(data, max_length=limit + 1)
+    except lzma.LZMAError as exc:
+        raise CorruptError(f"{what}: xz stream is invalid ({exc})") from None
+    if len(out) > limit:
+        raise LimitError(f"{what}: decompresses to more than the limit of {limit} bytes")
+    if not d.eof:
+        raise TruncatedError(f"{what}: xz stream ends early")
+    if d.unused_data:
+        raise CorruptError(f"{what}: {len(d.unused_data)} bytes after the end of the xz stream")
+    return out
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -459,7 +484,7 @@ class DczFile:
         sections = []
         for i in range(count):
             kind, sflags, crc, offset, length, reserved = _SECTION.unpack_from(table, i * SECTION_ENTRY_SIZE)
-            if reserved or sflags & ~SECTION_FLAG_REQUIRED:
+            if reserved or sflags & ~SECTION_FLAGS_KNOWN:
                 raise CorruptError(f"section {i} (kind {kind}): reserved bits are not zero")
             sections.append(SectionEntry(kind, sflags, crc, offset, length))
         # The sections tile [table_end, file_size) exactly: no holes, no overlaps, nothing past the end.
@@ -492,9 +517,12 @@ class DczFile:
                 raise CorruptError(f"section {kind.name} is missing")
         if known[SectionKind.DATA].crc32 != 0:
             raise CorruptError("section DATA: its CRC field must be 0 (streams carry their own CRCs)")
+        if known[SectionKind.DATA].flags & SECTION_FLAG_XZ:
+            raise CorruptError("section DATA: must not be xz-compressed")
         self.sections = known
 
     def _section_bytes(self, kind: SectionKind, limit: int) -> bytes:
+        """A section's content: CRC checked, xz-decompressed if flagged, within ``limit`` bytes."""
         s = self.sections[kind]
         if s.length > limit:
             raise LimitError(f"section {kind.name}: {s.length} bytes exceed the limit {limit}")
@@ -504,6 +532,8 @@ class DczFile:
             raise ChecksumError(
                 f"section {kind.name}: CRC-32 0x{actual:08x} does not match the stored 0x{s.crc32:08x}; the file is damaged"
             )
+        if s.flags & SECTION_FLAG_XZ:
+            data = _unxz(data, limit, f"section {kind.name}")
         return data
 
     def _read_meta(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ from dcformat.codec import read_dcz
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-GOLDEN_SHA256 = "064450b1e5c68f0e353d9d08fe6887fd89d038c1499ee087e4349e054ab8967f"
+GOLDEN_SHA256 = "d666de97cff106237e19f4c7e7e649ced6767c222da53fc9772387a76844b395"
 
 
 def test_golden_bytes_are_pinned():

@@ -8,6 +8,7 @@ hex next to what they mean. Meant for small files: every byte is listed.
 
 from __future__ import annotations
 
+import lzma
 import struct
 import sys
 from pathlib import Path
@@ -28,12 +29,14 @@ from dcformat.constants import (  # noqa: E402
 
 
 class _Dump:
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, label: str = ""):
         self.data = data
-        self.rows: list[tuple[int, bytes, str, str]] = []
+        self.label = label  # offsets of a decompressed section are shown as "INDEX+n"
+        self.rows: list[tuple[object, bytes, str, str]] = []
 
     def field(self, offset: int, size: int, name: str, value: str) -> None:
-        self.rows.append((offset, self.data[offset : offset + size], name, value))
+        where = f"{self.label}+{offset}" if self.label else offset
+        self.rows.append((where, self.data[offset : offset + size], name, value))
 
     def fmt(self, offset: int, fmt: str, name: str, show=lambda v: str(v)) -> tuple:
         size = struct.calcsize("<" + fmt)
@@ -60,21 +63,36 @@ def annotate(data: bytes, title: str = "file") -> str:
     d.fmt(24, "I", "reserved")
     d.fmt(28, "I", "header_crc32", lambda v: f"0x{v:08x}")
     sections = {}
+    flags_of = {}
     for i in range(count):
         o = HEADER_SIZE + i * SECTION_ENTRY_SIZE
         kind, flags, crc, off, length, _ = struct.unpack_from("<HHIQQQ", data, o)
         sections[kind] = (off, length)
+        flags_of[kind] = flags
         d.fmt(o, "H", f"section[{i}].kind", lambda v: _enum(SectionKind, v))
-        d.fmt(o + 2, "H", f"section[{i}].flags", lambda v: f"0x{v:04x}" + (" REQUIRED" if v & 1 else ""))
+        d.fmt(o + 2, "H", f"section[{i}].flags",
+              lambda v: f"0x{v:04x}" + (" REQUIRED" if v & 1 else "") + (" XZ" if v & 2 else ""))
         d.fmt(o + 4, "I", f"section[{i}].crc32", lambda v: f"0x{v:08x}")
         d.fmt(o + 8, "Q", f"section[{i}].offset")
         d.fmt(o + 16, "Q", f"section[{i}].length")
         d.fmt(o + 24, "Q", f"section[{i}].reserved")
 
-    # INDEX first (it says what DATA holds), dumped in file order afterwards.
+    subdumps: list[_Dump] = []
+
+    def content(kind: SectionKind) -> tuple[_Dump, int, int]:
+        """A dump over the section's content (decompressed if XZ), its start offset and its length."""
+        off, length = sections[kind]
+        if flags_of[kind] & 2:
+            d.field(off, length, f"{kind.name} (xz stream)", f"{length} bytes; its content is listed as {kind.name}+n")
+            sub = _Dump(lzma.decompress(data[off : off + length]), kind.name)
+            subdumps.append(sub)
+            return sub, 0, len(sub.data)
+        return d, off, length
+
+    # INDEX first (it says what DATA holds); rows are sorted by offset at the end.
     records = []
-    io, il = sections[SectionKind.INDEX]
-    p = io
+    main, (d, p, _) = d, content(SectionKind.INDEX)
+    data = d.data
     (n,) = d.fmt(p, "I", "INDEX tensor_count")
     d.fmt(p + 4, "I", "INDEX reserved")
     p += 8
@@ -116,6 +134,7 @@ def annotate(data: bytes, title: str = "file") -> str:
             p += 24
         records.append((name, DType(dtype), Layout(layout), dims, quant, streams))
 
+    d, data = main, main.data
     p, _ = sections[SectionKind.DATA]
     for name, dtype, layout, dims, quant, streams in records:
         np_dtype = NUMPY_DTYPES[dtype]
@@ -142,10 +161,10 @@ def annotate(data: bytes, title: str = "file") -> str:
                 bits = "".join(f"{b:08b}" for b in data[q : p + length])
                 d.field(q, p + length - q, f"{label} bitstream", bits or "(empty)")
             p += length
-    go, gl = sections[SectionKind.GRAPH]
-    d.field(go, gl, "GRAPH", f"{gl} bytes" if gl else "(empty)")
-    mo, ml = sections[SectionKind.META]
-    d.field(mo, ml, "META", data[mo : mo + ml].decode())
+    g, go, gl = content(SectionKind.GRAPH)
+    g.field(go, gl, "GRAPH content", f"{gl} bytes" if gl else "(empty)")
+    m, mo, ml = content(SectionKind.META)
+    m.field(mo, ml, "META content", m.data[mo : mo + ml].decode())
 
     d.rows.sort(key=lambda r: r[0])
     out = [
@@ -161,7 +180,7 @@ def annotate(data: bytes, title: str = "file") -> str:
         "| offset | bytes | field | value |",
         "|---|---|---|---|",
     ]
-    for off, raw, name, value in d.rows:
+    for off, raw, name, value in d.rows + [r for sub in subdumps for r in sub.rows]:
         hexs = raw.hex(" ") if len(raw) <= 16 else raw[:16].hex(" ") + f" … ({len(raw)} bytes)"
         out.append(f"| {off} | `{hexs}` | {name} | {value.replace('|', '/')} |")
     return "\n".join(out) + "\n"

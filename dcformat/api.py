@@ -1,0 +1,221 @@
+"""The Python API behind the ``dcz`` command: compress an ONNX model to .dcz and back.
+
+    >>> import dcformat
+    >>> result = dcformat.compress("model.onnx", "model.dcz", check=True)
+    >>> dcformat.decompress("model.dcz", "rebuilt.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import onnx
+
+from . import __version__, prune
+from .codec import EncodedTensor, TensorInput, iter_tensors, write_dcz
+from .constants import DType, TensorKind
+from .container import ReadLimits, open_dcz
+from .errors import InputError
+from .onnx_ingest import Weight, extract_weights, load_model
+from .onnx_rebuild import rebuild, save_model
+from .select import Policy
+
+__all__ = ["TensorReport", "CompressResult", "compress", "decompress", "load", "model_bytes_on_disk"]
+
+GRAPH_FORMAT = "onnx.ModelProto"
+#: Called as progress(done, total, tensor name) while tensors are processed.
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """What happened to one weight."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    layout: str
+    original_bytes: int
+    stored_bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """The outcome of :func:`compress`."""
+
+    output: Path
+    original_bytes: int  # the .onnx file plus any external data files
+    dcz_bytes: int
+    tensors: list[TensorReport]
+    fidelity: list | None = None  # list[dcformat.fidelity.OutputFidelity] when checked
+    references: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.dcz_bytes
+
+
+def model_bytes_on_disk(model: onnx.ModelProto, path: Path) -> int:
+    """Size of a model file plus the external data files it refers to."""
+    total = path.stat().st_size
+    seen = set()
+    for t in _all_tensors(model):
+        for e in t.external_data:
+            if e.key == "location" and e.value not in seen:
+                seen.add(e.value)
+                p = path.parent / e.value
+                if p.is_file():
+                    total += p.stat().st_size
+    return total
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from .onnx_ingest import iter_all_tensors
+
+    return iter_all_tensors(model)
+
+
+def _kind_code(kind: str) -> int:
+    return TensorKind[kind.upper()].value if kind.upper() in TensorKind.__members__ else TensorKind.OTHER.value
+
+
+def _check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    for p in inputs:
+        if p.exists() and output.exists() and os.path.samefile(p, output):
+            raise InputError(f"output {str(output)!r} is the input file; choose another output path")
+    if output.exists() and not overwrite:
+        raise InputError(f"output {str(output)!r} already exists (use --force / overwrite=True to replace it)")
+    if output.is_dir():
+        raise InputError(f"output {str(output)!r} is a directory")
+    if not output.parent.is_dir():
+        raise InputError(f"output folder {str(output.parent)!r} does not exist")
+
+
+def compress(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    policy: Policy | None = None,
+    *,
+    overwrite: bool = False,
+    check: bool = False,
+    check_inputs: Mapping[str, np.ndarray] | None = None,
+    keep_references: bool = False,
+    progress: Progress | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> CompressResult:
+    """Compress an ONNX model into a .dcz file (written atomically).
+
+    Args:
+        model_path: the .onnx file; external data is read from its folder, never outside it.
+        output: the .dcz path (default: the model path with suffix .dcz).
+        policy: what to compress and how (default: 8-bit codebooks, no pruning).
+        check: rebuild the model in memory and run original and rebuilt through onnxruntime on
+            ``check_inputs`` (default: random inputs from the declared shapes) and report fidelity.
+        keep_references: return the exact decoded values of every weight in ``result.references``.
+        progress: called after each tensor.
+
+    Raises:
+        InputError: unreadable model, bad settings, output exists or is the input.
+    """
+    src = Path(os.fspath(model_path))
+    out = Path(os.fspath(output)) if output is not None else src.with_suffix(".dcz")
+    policy = policy or Policy()
+    _check_output(out, [src], overwrite)
+    model = load_model(src)
+    original_bytes = model_bytes_on_disk(onnx.load(str(src), load_external_data=False), src)
+    original = model if not check else None
+    if check:
+        original = onnx.ModelProto()
+        original.CopyFrom(model)
+    graph, weights = extract_weights(model)
+    del model
+
+    threshold = None
+    if policy.global_sparsity is not None:
+        chosen = (_values(w) for w in weights if policy.settings_for(w.name, w.kind, w.array.size) is not None)
+        threshold = prune.global_threshold([v for v in chosen if np.isfinite(v).all()], policy.global_sparsity)
+
+    reports: list[TensorReport] = []
+    refs: dict[str, np.ndarray] = {}
+    need_refs = check or keep_references
+    total = len(weights)
+
+    def inputs() -> Iterator[TensorInput]:
+        for w in weights:
+            settings = policy.settings_for(w.name, w.kind, w.array.size, threshold=threshold)
+            yield TensorInput(w.name, w.array, settings, _dtype_code(w), _kind_code(w.kind))
+
+    def on_tensor(enc: EncodedTensor) -> None:
+        e = enc.entry
+        reports.append(TensorReport(e.name, e.kind_name, e.shape, e.layout.name.lower(), e.nbytes, e.stored_bytes, enc.note))
+        if need_refs:
+            refs[e.name] = enc.reference
+        if progress is not None:
+            progress(len(reports), total, e.name)
+
+    meta = {
+        "dcz.graph_format": GRAPH_FORMAT,
+        "dcz.writer": f"dcz {__version__}",
+        "dcz.source_name": src.name,
+        "dcz.original_bytes": str(original_bytes),
+        "dcz.policy": policy.to_json(),
+    }
+    meta.update(metadata or {})
+    size = write_dcz(out, inputs(), graph=graph, metadata=meta, on_tensor=on_tensor)
+    fidelity = None
+    if check:
+        from . import fidelity as fid
+
+        rebuilt = rebuild(graph, refs)
+        fidelity = fid.check_models(original, rebuilt, check_inputs)
+    return CompressResult(out, original_bytes, size, reports, fidelity, refs if keep_references else None)
+
+
+def _dtype_code(w: Weight) -> DType | None:
+    return DType.BFLOAT16 if w.onnx_dtype == onnx.TensorProto.BFLOAT16 else None
+
+
+def _values(w: Weight) -> np.ndarray:
+    """A weight's numeric values (bfloat16 bit patterns widened to float32)."""
+    if w.onnx_dtype == onnx.TensorProto.BFLOAT16:
+        return (w.array.astype(np.uint32) << 16).view(np.float32)
+    return w.array
+
+
+def load(dcz_path: str | os.PathLike, *, limits: ReadLimits | None = None,
+         progress: Progress | None = None) -> onnx.ModelProto:
+    """Decode a .dcz file into an in-memory ONNX model."""
+    with open_dcz(dcz_path, limits) as f:
+        fmt = f.metadata.get("dcz.graph_format", "")
+        if fmt != GRAPH_FORMAT:
+            raise InputError(f"{dcz_path}: holds no ONNX graph (graph format {fmt!r}); read it with dcformat.read_dcz")
+        weights = {}
+        total = len(f.tensors)
+        for i, (entry, arr) in enumerate(iter_tensors(f), start=1):
+            weights[entry.name] = arr
+            if progress is not None:
+                progress(i, total, entry.name)
+        graph = f.graph()
+    return rebuild(graph, weights)
+
+
+def decompress(
+    dcz_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    limits: ReadLimits | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Rebuild the ONNX model stored in a .dcz file and write it (atomically; external data past 2 GB)."""
+    src = Path(os.fspath(dcz_path))
+    out = Path(os.fspath(output)) if output is not None else src.with_suffix(".onnx")
+    _check_output(out, [src], overwrite)
+    model = load(src, limits=limits, progress=progress)
+    save_model(model, out)
+    return out

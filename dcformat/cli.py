@@ -1,0 +1,220 @@
+"""The ``dcz`` command line: a thin layer over :mod:`dcformat.api`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+from . import __version__
+from .errors import DczError
+from .select import KINDS, DEFAULT_MIN_ELEMENTS, Policy, parse_layer_rule, parse_per_kind
+
+#: Exit codes: 1 for a bad input or file (a DczError or an OS error), 2 for usage errors (click's), 130 on Ctrl-C.
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+#: inspect shows this many of the largest tensors unless --all is given.
+INSPECT_TOP = 40
+
+
+class _Group(click.Group):
+    """Turns every expected failure into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DczError as exc:
+            click.echo(f"dcz: error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        except OSError as exc:
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            click.echo(f"dcz: error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("dcz: interrupted; no output was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dcz")
+def main() -> None:
+    """dcz: make ONNX models small enough to ship (Deep Compression: pruning, weight sharing, Huffman coding).
+
+    \b
+    dcz compress model.onnx            -> model.dcz
+    dcz decompress model.dcz           -> model.onnx (runs in onnxruntime)
+    dcz inspect model.dcz              where every byte went
+    dcz demo                           try it on a bundled LeNet and real MNIST digits
+    """
+
+
+@contextmanager
+def _progress(label: str, quiet: bool) -> Iterator:
+    """A per-tensor progress bar on a terminal; nothing when piped or quiet."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.set_postfix_str(name[-30:], refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _policy(preset, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw, min_elements,
+            compress_norm) -> Policy:
+    kw = {}
+    if bits:
+        kw["bits"] = parse_per_kind(bits, "--bits")
+    if index_bits:
+        kw["index_bits"] = parse_per_kind(index_bits, "--index-bits")
+    if sparsity:
+        kw["sparsity"] = parse_per_kind(sparsity, "--sparsity")
+    if quality:
+        kw["quality"] = parse_per_kind(quality, "--quality")
+    if init:
+        kw["init"] = init
+    kw.update(global_sparsity=global_sparsity, layers=tuple(parse_layer_rule(r) for r in layer), raw=tuple(raw),
+              min_elements=min_elements, compress_norm=compress_norm)
+    if preset == "paper":
+        base = Policy.paper()
+        kw.setdefault("bits", base.bits)
+        kw.setdefault("index_bits", base.index_bits)
+    return Policy(**kw)
+
+
+def _fidelity_table(rows) -> str:
+    lines = [f"{'output':<24} {'rel L2':>10} {'max abs':>10} {'cosine':>9} {'top-1 agree':>12}"]
+    for r in rows:
+        top1 = f"{r.top1_agreement:.2%}" if r.top1_agreement is not None else "-"
+        lines.append(f"{r.name[:24]:<24} {r.rel_l2:>10.2e} {r.max_abs:>10.2e} {r.cosine:>9.6f} {top1:>12}")
+    return "\n".join(lines)
+
+
+KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .dcz (default: MODEL with .dcz).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
+              help="'paper': Deep Compression's bit widths (conv 8-bit codes and indices, fc 5-bit).")
+@click.option("--bits", metavar="B|KIND=B,...", help=f"Codebook bits: '8', or per op kind 'conv=8,fc=5'. Default 8. {KIND_HELP}")
+@click.option("--index-bits", metavar="B|KIND=B,...", help="Relative-index field width for sparse tensors (default 8).")
+@click.option("--sparsity", metavar="S|KIND=S,...", help="Prune this fraction of each tensor by magnitude: '0.5' or 'conv=0.5,fc=0.9'.")
+@click.option("--quality", metavar="Q|KIND=Q,...", help="Han et al.'s rule: prune |w| < Q x std(w) per tensor.")
+@click.option("--global-sparsity", type=click.FloatRange(0, 1), help="Prune this fraction of all weights by one global magnitude threshold.")
+@click.option("--init", type=click.Choice(["linear", "density", "random"]), help="k-means initialisation (default linear, the paper's).")
+@click.option("--layer", multiple=True, metavar="PATTERN:KEY=V,...",
+              help="Per-tensor settings by name pattern, e.g. 'conv1*:bits=6,sparsity=0.3' or 'head.*:raw'. Repeatable; later wins.")
+@click.option("--raw", multiple=True, metavar="PATTERN", help="Store tensors matching this name pattern raw (bit-exact). Repeatable.")
+@click.option("--min-elements", type=click.IntRange(0), default=DEFAULT_MIN_ELEMENTS, show_default=True,
+              help="Tensors with fewer elements are stored raw.")
+@click.option("--compress-norm", is_flag=True, help="Also compress normalisation parameters (raw by default).")
+@click.option("--check", is_flag=True, help="Run original and rebuilt model in onnxruntime and report the output error.")
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --check: a .npz of inputs keyed by graph input name (default: random inputs).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def compress(model, output, force, preset, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw,
+             min_elements, compress_norm, check, inputs_path, as_json, quiet):
+    """Compress an ONNX MODEL into a .dcz file.
+
+    By default every float weight of at least --min-elements elements gets an 8-bit k-means codebook and
+    Huffman-coded codes, with no pruning: the rebuilt model gives the same answers. Pruning options trade
+    size for accuracy; check with --check on inputs of your own (--inputs).
+    """
+    from . import api
+
+    policy = _policy(preset, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw, min_elements,
+                     compress_norm)
+    check_inputs = None
+    if inputs_path is not None:
+        from .fidelity import load_inputs
+
+        check_inputs = load_inputs(inputs_path)
+        check = True
+    t0 = time.perf_counter()
+    with _progress("compress", quiet or as_json) as progress:
+        result = api.compress(model, output, policy, overwrite=force, check=check, check_inputs=check_inputs,
+                              progress=progress)
+    seconds = time.perf_counter() - t0
+    coded = sum(1 for t in result.tensors if t.layout != "raw")
+    if as_json:
+        doc = {
+            "input": str(model), "output": str(result.output), "original_bytes": result.original_bytes,
+            "dcz_bytes": result.dcz_bytes, "ratio": result.ratio, "seconds": seconds,
+            "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in result.tensors],
+            "fidelity": [f.__dict__ for f in result.fidelity] if result.fidelity is not None else None,
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if not quiet:
+        click.echo(f"{model} -> {result.output}: {result.original_bytes:,} -> {result.dcz_bytes:,} bytes "
+                   f"({result.ratio:.2f}x) in {seconds:.1f} s; {coded} of {len(result.tensors)} weights coded")
+        if result.fidelity is not None:
+            if check_inputs is None:
+                click.echo("fidelity on random inputs (a weak check: use --inputs with real data):")
+            click.echo(_fidelity_table(result.fidelity))
+
+
+@main.command()
+@click.argument("dcz", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx (default: DCZ with .onnx).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def decompress(dcz, output, force, quiet):
+    """Rebuild the ONNX model stored in DCZ (onnx.checker-valid, runs in onnxruntime)."""
+    from . import api
+
+    t0 = time.perf_counter()
+    with _progress("decompress", quiet) as progress:
+        out = api.decompress(dcz, output, overwrite=force, progress=progress)
+    if not quiet:
+        click.echo(f"{dcz} -> {out}: {out.stat().st_size:,} bytes in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@click.argument("dcz", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable breakdown on stdout.")
+@click.option("--all", "show_all", is_flag=True, help=f"List every tensor (default: the {INSPECT_TOP} largest).")
+def inspect(dcz, as_json, show_all):
+    """Show where every byte of DCZ went, per tensor and per stream, beside the entropy bound.
+
+    Reads only the file's index, so it is instant on any file size.
+    """
+    from .report import breakdown, format_table, to_json
+
+    b = breakdown(dcz)
+    click.echo(to_json(b) if as_json else format_table(b, top=None if show_all else INSPECT_TOP))
+
+
+@main.command()
+@click.option("--model", type=click.Choice(["lenet300", "lenet5"]), default="lenet300", show_default=True)
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Keep the files in this folder.")
+def demo(model, keep):
+    """Compress a bundled LeNet trained on real MNIST digits, show the breakdown, and compare accuracy."""
+    from .demo import run_demo
+
+    run_demo(model, keep)
+
+
+if __name__ == "__main__":
+    main()
