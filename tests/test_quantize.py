@@ -363,3 +363,35 @@ def test_build_codebook_include_zero_k1():
                                include_zero=False)
     np.testing.assert_array_equal(cb, np.array([2.0], np.float16))
     np.testing.assert_array_equal(codes, [0, 0])
+
+
+@pytest.mark.parametrize("lo, hi, n_mids", [(0.1, 0.9, 300), (-3.3, 7.1, 997), (1e-3, 1e-3 + 1e-7, 50)])
+def test_count_below_bucket_table_is_exact_at_bucket_edges(lo, hi, n_mids):
+    # Midpoints placed on the lookup table's bucket edges, probed one ulp either side:
+    # where float rounding puts a value in the wrong bucket, the refinement must fix it.
+    from dcformat.quantize import _LOOKUP_BUCKETS, _count_below
+
+    g = np.unique(np.linspace(0, _LOOKUP_BUCKETS, n_mids).round())
+    m = lo + g / (_LOOKUP_BUCKETS / (hi - lo))
+    probes = np.concatenate([m, np.nextafter(m, -np.inf), np.nextafter(m, np.inf),
+                             np.nextafter(np.nextafter(m, -np.inf), -np.inf),
+                             np.linspace(lo - 1, hi + 1, 5000)])
+    np.testing.assert_array_equal(_count_below(m, probes), np.searchsorted(m, probes, side="left"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 30))
+def test_lloyd_cluster_edges_match_brute_force_nearest(seed, k):
+    # Values on and one ulp around the float midpoints of awkward centroids, where
+    # searchsorted of the rounded midpoint alone can put a value in the wrong cluster.
+    from dcformat.quantize import _edges
+
+    rng = np.random.default_rng(seed)
+    c = np.unique(rng.normal(size=k) * 10.0 ** rng.integers(-3, 4, size=k))
+    mids = 0.5 * c[:-1] + 0.5 * c[1:]
+    exact_mids = np.array([float((Fraction(a) + Fraction(b)) / 2) for a, b in zip(c[:-1], c[1:])])
+    s = np.sort(np.concatenate([rng.normal(size=200) * 100, mids, exact_mids, c,
+                                np.nextafter(mids, -np.inf), np.nextafter(mids, np.inf)]))
+    labels = brute_nearest(s, c)
+    expected = np.searchsorted(labels, np.arange(len(c) + 1), side="left")
+    np.testing.assert_array_equal(_edges(s, c), expected)
