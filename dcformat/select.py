@@ -24,6 +24,9 @@ KINDS = tuple(k.name.lower() for k in TensorKind)
 #: Tensors smaller than this stay raw by default: biases and norm scales are few bytes, sensitive,
 #: and a codebook plus Huffman table would eat most of what coding saves.
 DEFAULT_MIN_ELEMENTS = 1024
+#: Codebook bits and relative-index width when neither the kind nor '*' has a value: the paper's conv setting.
+DEFAULT_BITS = 8
+DEFAULT_INDEX_BITS = 8
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
 RULE_KEYS = ("bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 
@@ -51,8 +54,8 @@ class Policy:
         compress_norm: also compress normalisation parameters (kind ``norm``).
     """
 
-    bits: Mapping[str, int] = field(default_factory=lambda: {"*": 8})
-    index_bits: Mapping[str, int] = field(default_factory=lambda: {"*": 8})
+    bits: Mapping[str, int] = field(default_factory=lambda: {"*": DEFAULT_BITS})
+    index_bits: Mapping[str, int] = field(default_factory=lambda: {"*": DEFAULT_INDEX_BITS})
     sparsity: Mapping[str, float] = field(default_factory=dict)
     quality: Mapping[str, float] = field(default_factory=dict)
     global_sparsity: float | None = None
@@ -94,11 +97,11 @@ class Policy:
 
     def settings_for(self, name: str, kind: str, numel: int, *, threshold: float | None = None) -> CompressSettings | None:
         """The settings for one tensor, or None to store it raw."""
-        def pick(table: Mapping[str, Any]) -> Any:
-            return table.get(kind, table.get("*"))
+        def pick(table: Mapping[str, Any], default: Any = None) -> Any:
+            return table.get(kind, table.get("*", default))
 
-        values: dict[str, Any] = {"bits": pick(self.bits), "index_bits": pick(self.index_bits), "init": self.init,
-                                  "seed": self.seed}
+        values: dict[str, Any] = {"bits": pick(self.bits, DEFAULT_BITS), "index_bits": pick(self.index_bits, DEFAULT_INDEX_BITS),
+                                  "init": self.init, "seed": self.seed}
         if pick(self.sparsity) is not None:
             values["sparsity"] = pick(self.sparsity)
         elif pick(self.quality) is not None:
