@@ -77,9 +77,13 @@ def _progress(label: str, quiet: bool) -> Iterator:
             bar.close()
 
 
-def _policy(preset, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw, min_elements,
-            compress_norm) -> Policy:
+def _policy(preset, quantizer, error, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw,
+            min_elements, compress_norm) -> Policy:
     kw = {}
+    # --bits and --preset paper are k-means settings: they choose the k-means quantizer unless told otherwise.
+    kw["quantizer"] = quantizer or ("kmeans" if bits or preset == "paper" else "uniform")
+    if error:
+        kw["rel_error"] = parse_per_kind(error, "--error")
     if bits:
         kw["bits"] = parse_per_kind(bits, "--bits")
     if index_bits:
@@ -116,7 +120,13 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
               help="'paper': Deep Compression's bit widths (conv 8-bit codes and indices, fc 5-bit).")
-@click.option("--bits", metavar="B|KIND=B,...", help=f"Codebook bits: '8', or per op kind 'conv=8,fc=5'. Default 8. {KIND_HELP}")
+@click.option("--quantizer", type=click.Choice(["uniform", "kmeans"]),
+              help="uniform: a grid per tensor at --error (default). kmeans: the paper's 2^bits-entry codebooks "
+                   "(default when --bits or --preset paper is given).")
+@click.option("--error", metavar="E|KIND=E,...",
+              help="Uniform grid: rounding error as a fraction of each tensor's L2 norm (default 2e-3); "
+                   "larger is smaller and less exact.")
+@click.option("--bits", metavar="B|KIND=B,...", help=f"k-means codebook bits: '8', or per op kind 'conv=8,fc=5'. {KIND_HELP}")
 @click.option("--index-bits", metavar="B|KIND=B,...", help="Relative-index field width for sparse tensors (default 8).")
 @click.option("--sparsity", metavar="S|KIND=S,...", help="Prune this fraction of each tensor by magnitude: '0.5' or 'conv=0.5,fc=0.9'.")
 @click.option("--quality", metavar="Q|KIND=Q,...", help="Han et al.'s rule: prune |w| < Q x std(w) per tensor.")
@@ -133,17 +143,18 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
               help="With --check: a .npz of inputs keyed by graph input name (default: random inputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def compress(model, output, force, preset, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw,
+def compress(model, output, force, preset, quantizer, error, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw,
              min_elements, compress_norm, check, inputs_path, as_json, quiet):
     """Compress an ONNX MODEL into a .dcz file.
 
-    By default every float weight of at least --min-elements elements gets an 8-bit k-means codebook and
-    Huffman-coded codes, with no pruning: the rebuilt model gives the same answers. Pruning options trade
-    size for accuracy; check with --check on inputs of your own (--inputs).
+    By default every float weight of at least --min-elements elements is rounded to a uniform grid whose
+    error is 0.2% of the tensor's norm, the levels used form its codebook, and the codes are Huffman-coded;
+    nothing is pruned: the rebuilt model gives the same answers. --error, --bits and pruning trade size for
+    accuracy; check with --check, best on inputs of your own (--inputs).
     """
     from . import api
 
-    policy = _policy(preset, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw, min_elements,
+    policy = _policy(preset, quantizer, error, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw, min_elements,
                      compress_norm)
     check_inputs = None
     if inputs_path is not None:

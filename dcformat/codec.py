@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 LAYOUT_CHOICES = ("auto", "dense", "sparse")
+QUANTIZERS = ("kmeans", "uniform")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,12 @@ class CompressSettings:
     """How to compress one tensor. At most one pruning rule may be set.
 
     Attributes:
-        bits: codebook size is at most ``2**bits`` (the paper: 8 for conv, 5 for fc).
+        quantizer: ``kmeans`` (the paper's weight sharing: a ``2**bits``-entry k-means codebook) or
+            ``uniform`` (a grid with step ``step``, or the step that gives ``rel_error``; zero is a level,
+            nothing is clipped, and only the levels used are stored).
+        bits: k-means codebook size is at most ``2**bits`` (the paper: 8 for conv, 5 for fc).
+        rel_error: uniform grid: target ``||w - q(w)|| / ||w||`` of the rounding (pruning adds its own).
+        step: uniform grid: the step itself (overrides ``rel_error``).
         sparsity: prune this fraction of the weights, smallest magnitudes first.
         quality: Han et al.'s rule, prune ``|w| < quality * std(w)``.
         threshold: prune ``|w| <= threshold`` (what a global magnitude threshold resolves to).
@@ -63,6 +69,9 @@ class CompressSettings:
     """
 
     bits: int = 8
+    quantizer: str = "kmeans"
+    rel_error: float | None = None
+    step: float | None = None
     sparsity: float | None = None
     quality: float | None = None
     threshold: float | None = None
@@ -86,6 +95,14 @@ class CompressSettings:
             raise InputError(f"threshold {self.threshold} must be >= 0")
         if self.init not in quantize.INITS:
             raise InputError(f"init {self.init!r} is not one of {', '.join(quantize.INITS)}")
+        if self.quantizer not in QUANTIZERS:
+            raise InputError(f"quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
+        if self.quantizer == "uniform" and self.rel_error is None and self.step is None:
+            raise InputError("the uniform quantizer needs rel_error or step")
+        if self.rel_error is not None and not 0 < self.rel_error < 1:
+            raise InputError(f"rel_error {self.rel_error} is outside (0, 1)")
+        if self.step is not None and not (self.step > 0 and math.isfinite(self.step)):
+            raise InputError(f"step {self.step} must be a positive finite number")
         if self.layout not in LAYOUT_CHOICES:
             raise InputError(f"layout {self.layout!r} is not one of {', '.join(LAYOUT_CHOICES)}")
 
@@ -181,6 +198,15 @@ def _coded_size(symbols: np.ndarray, alphabet: int) -> int:
     return huffman.encoded_size(freq, huffman.build_table(freq), alphabet)
 
 
+def _with_zero(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Add an exact zero to a sorted codebook (pruned elements need it), shifting the codes above it."""
+    at = int(np.searchsorted(codebook.astype(np.float64), 0.0))
+    if at < len(codebook) and codebook[at] == 0:
+        return codebook, codes
+    codes = codes + (codes >= at).astype(np.uint16)
+    return np.insert(codebook, at, codebook.dtype.type(0)), codes
+
+
 def encode_tensor(t: TensorInput) -> EncodedTensor:
     """Compress one tensor as ``t.settings`` asks, or store it raw.
 
@@ -206,9 +232,16 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
     kept = values[mask]
     include_zero = kept.size < values.size
     k = 1 << s.bits
+    code_bits = s.bits
     if kept.size == 0:
         codebook = np.zeros(1, dtype=_rounding_dtype(dtype))
         codes_kept = np.zeros(0, dtype=np.uint16)
+    elif s.quantizer == "uniform":
+        step = s.step or quantize.uniform_step(kept, s.rel_error, float(np.dot(values, values)))
+        codebook, codes_kept = quantize.uniform_codebook(kept, step, storage=_rounding_dtype(dtype))
+        if include_zero:
+            codebook, codes_kept = _with_zero(codebook, codes_kept)
+        code_bits = max(1, (len(codebook) - 1).bit_length())
     else:
         codebook, codes_kept = quantize.build_codebook(
             kept, k, storage=_rounding_dtype(dtype), include_zero=include_zero, init=s.init, seed=s.seed
@@ -255,7 +288,7 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
         return _raw(t.name, dtype, stored, t.kind, "coding would not make it smaller")
     entry = TensorEntry(
         t.name, dtype, layout, int(t.kind), tuple(int(d) for d in stored.shape), tuple(streams),
-        codebook_size=cb_size, code_bits=s.bits, index_bits=index_bits, nnz=nnz, position_entries=n_entries,
+        codebook_size=cb_size, code_bits=code_bits, index_bits=index_bits, nnz=nnz, position_entries=n_entries,
     )
     reference = codebook[codes_full].reshape(stored.shape)
     zeros = int(stored.size - np.count_nonzero(_as_float(reference, dtype)))

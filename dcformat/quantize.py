@@ -475,3 +475,52 @@ def build_codebook(
         cents = kmeans_1d(v, k, init=init, seed=seed)
     codebook = round_to_storage(cents, dt)
     return codebook, nearest(v, codebook).astype(np.uint16)
+
+
+#: Uniform grids keep their levels within the 16-bit code space; a finer step than this allows is widened.
+_MAX_UNIFORM_LEVELS = MAX_K - 2  # rint() at both ends can add one level each
+
+
+def uniform_step(values: np.ndarray, rel_error: float, total_sq: float | None = None) -> float:
+    """Grid step whose rounding error is ``rel_error`` times the tensor's L2 norm.
+
+    Rounding to a grid of step ``d`` adds an error of variance ``d**2 / 12`` per value, so
+    ``d = rel_error * sqrt(12 * total_sq / n)`` where ``total_sq`` is the tensor's sum of squares
+    (default: that of ``values``) and ``n`` the number of values rounded.
+    """
+    v = _as_float64(np.asarray(values).ravel(), "values")
+    if not rel_error > 0:
+        raise InputError(f"relative error {rel_error} must be > 0")
+    if v.size == 0:
+        return 1.0
+    ss = float(np.dot(v, v)) if total_sq is None else float(total_sq)
+    return rel_error * float(np.sqrt(12.0 * ss / v.size)) or 1.0
+
+
+def uniform_codebook(values: np.ndarray, step: float, *, storage: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Round values to the grid ``k * step`` (zero is a level; no clipping) and keep the levels used.
+
+    The step is widened if the values span more than 2**16 levels. Returns (codebook in ``storage``
+    dtype, ascending and unique, holding exactly the levels used; codes as uint16). Linear time: no sort.
+    """
+    dt = _check_storage(storage)
+    v = _as_float64(np.asarray(values), "values")
+    if v.ndim != 1:
+        raise InputError(f"values must be 1-D, got shape {v.shape}")
+    if not step > 0 or not np.isfinite(step):
+        raise InputError(f"grid step {step} must be a positive finite number")
+    if v.size == 0:
+        return np.zeros(1, dtype=dt), np.zeros(0, dtype=np.uint16)
+    lo, hi = float(v.min()), float(v.max())
+    step = max(float(step), (hi - lo) / _MAX_UNIFORM_LEVELS)
+    q = np.rint(v / step).astype(np.int64)
+    qmin = int(q.min())
+    q -= qmin
+    used = np.bincount(q) > 0
+    index = np.cumsum(used) - 1  # level -> code
+    levels = (np.flatnonzero(used) + qmin) * step
+    codebook = round_to_storage(levels, dt)
+    if codebook.size == levels.size:
+        return codebook, index[q].astype(np.uint16)
+    # Storage rounding merged some levels (a step near the dtype's resolution): assign to the nearest kept one.
+    return codebook, nearest(v, codebook).astype(np.uint16)

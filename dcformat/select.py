@@ -27,8 +27,11 @@ DEFAULT_MIN_ELEMENTS = 1024
 #: Codebook bits and relative-index width when neither the kind nor '*' has a value: the paper's conv setting.
 DEFAULT_BITS = 8
 DEFAULT_INDEX_BITS = 8
+#: Default quantizer: a uniform grid per tensor whose rounding error is this fraction of the tensor's norm.
+#: Chosen so that every public model keeps its answers (tools/fidelity_table.py); see the README.
+DEFAULT_REL_ERROR = 2e-3
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
-RULE_KEYS = ("bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
+RULE_KEYS = ("quantizer", "rel_error", "step", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ class Policy:
     """How to compress a model's weights.
 
     Attributes:
-        bits / index_bits / sparsity / quality: per-kind values; the key ``*`` applies to every kind
+        quantizer: ``uniform`` (default: a grid per tensor at ``rel_error``) or ``kmeans`` (``bits``).
+        rel_error / bits / index_bits / sparsity / quality: per-kind values; the key ``*`` applies to every kind
             without its own entry.
         global_sparsity: prune this fraction of all compressed weights together, by one magnitude threshold.
         init: k-means initialisation.
@@ -54,6 +58,8 @@ class Policy:
         compress_norm: also compress normalisation parameters (kind ``norm``).
     """
 
+    quantizer: str = "uniform"
+    rel_error: Mapping[str, float] = field(default_factory=lambda: {"*": DEFAULT_REL_ERROR})
     bits: Mapping[str, int] = field(default_factory=lambda: {"*": DEFAULT_BITS})
     index_bits: Mapping[str, int] = field(default_factory=lambda: {"*": DEFAULT_INDEX_BITS})
     sparsity: Mapping[str, float] = field(default_factory=dict)
@@ -71,12 +77,13 @@ class Policy:
         """Deep Compression's settings: 8-bit codes and 8-bit relative indices for conv layers, 5 and 5 for
         fully connected ones, linear k-means init. The paper's pruning rates come with retraining and are
         per network, so pruning is left to the caller (``sparsity=``)."""
-        base = dict(bits={"conv": 8, "fc": 5, "*": 8}, index_bits={"conv": 8, "fc": 5, "*": 8}, init="linear")
+        base = dict(quantizer="kmeans", bits={"conv": 8, "fc": 5, "*": 8}, index_bits={"conv": 8, "fc": 5, "*": 8},
+                    init="linear")
         base.update(overrides)
         return cls(**base)
 
     def __post_init__(self) -> None:
-        for label, table in (("bits", self.bits), ("index_bits", self.index_bits),
+        for label, table in (("rel_error", self.rel_error), ("bits", self.bits), ("index_bits", self.index_bits),
                              ("sparsity", self.sparsity), ("quality", self.quality)):
             for k in table:
                 if k != "*" and k not in KINDS:
@@ -101,7 +108,9 @@ class Policy:
             return table.get(kind, table.get("*", default))
 
         values: dict[str, Any] = {"bits": pick(self.bits, DEFAULT_BITS), "index_bits": pick(self.index_bits, DEFAULT_INDEX_BITS),
-                                  "init": self.init, "seed": self.seed}
+                                  "init": self.init, "seed": self.seed, "quantizer": self.quantizer}
+        if self.quantizer == "uniform":
+            values["rel_error"] = pick(self.rel_error, DEFAULT_REL_ERROR)
         if pick(self.sparsity) is not None:
             values["sparsity"] = pick(self.sparsity)
         elif pick(self.quality) is not None:
@@ -172,5 +181,5 @@ def parse_layer_rule(text: str) -> LayerRule:
         k = k.strip().replace("-", "_")
         if not eq or k not in RULE_KEYS:
             raise InputError(f"layer rule {text!r}: {part!r} is not key=value with key one of {', '.join(RULE_KEYS)}")
-        settings[k] = v.strip() if k in ("init", "layout") else _number(v.strip(), f"layer rule {text!r}")
+        settings[k] = v.strip() if k in ("init", "layout", "quantizer") else _number(v.strip(), f"layer rule {text!r}")
     return LayerRule(pattern, settings)
