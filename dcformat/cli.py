@@ -124,7 +124,7 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
               help="uniform: a grid per tensor at --error (default). kmeans: the paper's 2^bits-entry codebooks "
                    "(default when --bits or --preset paper is given).")
 @click.option("--error", metavar="E|KIND=E,...",
-              help="Uniform grid: rounding error as a fraction of each tensor's L2 norm (default 2e-3); "
+              help="Uniform grid: rounding error as a fraction of each tensor's L2 norm (default 3e-3); "
                    "larger is smaller and less exact.")
 @click.option("--bits", metavar="B|KIND=B,...", help=f"k-means codebook bits: '8', or per op kind 'conv=8,fc=5'. {KIND_HELP}")
 @click.option("--index-bits", metavar="B|KIND=B,...", help="Relative-index field width for sparse tensors (default 8).")
@@ -148,7 +148,7 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
     """Compress an ONNX MODEL into a .dcz file.
 
     By default every float weight of at least --min-elements elements is rounded to a uniform grid whose
-    error is 0.2% of the tensor's norm, the levels used form its codebook, and the codes are Huffman-coded;
+    error is 0.3% of the norm of each tensor's weakest channel, the levels used form its codebook, and the codes are Huffman-coded;
     nothing is pruned: the rebuilt model gives the same answers. --error, --bits and pruning trade size for
     accuracy; check with --check, best on inputs of your own (--inputs).
     """

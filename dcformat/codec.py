@@ -237,7 +237,11 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
         codebook = np.zeros(1, dtype=_rounding_dtype(dtype))
         codes_kept = np.zeros(0, dtype=np.uint16)
     elif s.quantizer == "uniform":
-        step = s.step or quantize.uniform_step(kept, s.rel_error, float(np.dot(values, values)))
+        # The step resolves the weakest channel at rel_error (a per-tensor target would let small-scale
+        # channels, e.g. low-frequency filters or BN-folded convs, lose most of their precision).
+        step = s.step or s.rel_error * math.sqrt(12) * quantize.channel_rms_floor(
+            _as_float(stored, dtype).astype(np.float64)
+        )
         codebook, codes_kept = quantize.uniform_codebook(kept, step, storage=_rounding_dtype(dtype))
         if include_zero:
             codebook, codes_kept = _with_zero(codebook, codes_kept)

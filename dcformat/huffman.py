@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 from bitarray import bitarray
-from bitarray.util import canonical_decode, canonical_huffman
+from bitarray.util import canonical_decode
 
 from .constants import MAX_CODE_LENGTH
 from .errors import CorruptError, TruncatedError
@@ -94,12 +94,50 @@ def _lengths_from_freq(freq: np.ndarray) -> np.ndarray:
         return lengths  # single-symbol code: zero-length codewords
     f = freq[present].astype(np.int64)
     while True:
-        codes, _, _ = canonical_huffman(dict(zip(present.tolist(), f.tolist())))
-        lens = np.fromiter((len(codes[s]) for s in present.tolist()), dtype=np.int64, count=present.size)
+        lens = _huffman_lengths(f)
         if lens.max() <= MAX_CODE_LENGTH:
             lengths[present] = lens
             return lengths
         f = (f >> 1) | 1
+
+
+def _huffman_lengths(f: np.ndarray) -> np.ndarray:
+    """Optimal prefix-code lengths for counts ``f`` (two or more, all positive).
+
+    Huffman's algorithm in its two-queue form: leaves sorted once by count, merged nodes come out in
+    non-decreasing order, so each step takes the two smallest heads of the two queues. Node depths are
+    then found for all nodes at once by pointer doubling. Ties go to the leaf, then the lower index,
+    so the result is deterministic.
+    """
+    n = f.size
+    order = np.argsort(f, kind="stable")
+    leaf = f[order].tolist()
+    inner: list[int] = []  # counts of merged nodes, ids n, n+1, ...
+    merged = [0] * (2 * n - 2)  # the two children of each merged node
+    i = j = 0
+    for k in range(n - 1):
+        total = 0
+        for side in (0, 1):
+            if j >= len(inner) or (i < n and leaf[i] <= inner[j]):
+                total += leaf[i]
+                merged[2 * k + side] = i
+                i += 1
+            else:
+                total += inner[j]
+                merged[2 * k + side] = n + j
+                j += 1
+        inner.append(total)
+    root = 2 * n - 2
+    parent = np.full(2 * n - 1, root, dtype=np.int64)
+    parent[np.array(merged, dtype=np.int64)] = np.repeat(np.arange(n, 2 * n - 1, dtype=np.int64), 2)
+    depth = (np.arange(2 * n - 1) != root).astype(np.int64)
+    up = parent
+    while np.any(up != root):  # depth(v) = hops to the root: sum along pointers, doubling each round
+        depth = depth + np.where(up != root, depth[up], 0)
+        up = up[up]
+    out = np.empty(n, dtype=np.int64)
+    out[order] = depth[:n]
+    return out
 
 
 def build_table(freq: np.ndarray) -> HuffmanTable:

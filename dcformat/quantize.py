@@ -497,6 +497,30 @@ def uniform_step(values: np.ndarray, rel_error: float, total_sq: float | None = 
     return rel_error * float(np.sqrt(12.0 * ss / v.size)) or 1.0
 
 
+#: A channel whose RMS is below this fraction of the tensor's RMS does not set the grid step: its rounding
+#: error still counts in the tensor's total, but a dead or near-dead channel must not demand a grid of
+#: millions of levels.
+CHANNEL_RMS_FLOOR = 1.0 / 1024
+
+
+def channel_rms_floor(x: np.ndarray) -> float:
+    """The smallest RMS among the tensor's slices along its first and its last axis (ignoring slices
+    below CHANNEL_RMS_FLOOR of the tensor's RMS): the scale a grid must resolve so that every output
+    channel, whichever axis holds them (Conv and Gemm: first, MatMul: last), keeps its relative error."""
+    x = np.asarray(x, dtype=np.float64)
+    total = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+    if x.ndim < 2 or total == 0:
+        return total
+    out = total
+    for axis in (0, x.ndim - 1):
+        other = tuple(a for a in range(x.ndim) if a != axis)
+        rms = np.sqrt(np.mean(x * x, axis=other))
+        rms = rms[rms >= CHANNEL_RMS_FLOOR * total]
+        if rms.size:
+            out = min(out, float(rms.min()))
+    return out
+
+
 def uniform_codebook(values: np.ndarray, step: float, *, storage: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Round values to the grid ``k * step`` (zero is a level; no clipping) and keep the levels used.
 

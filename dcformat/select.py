@@ -29,7 +29,7 @@ DEFAULT_BITS = 8
 DEFAULT_INDEX_BITS = 8
 #: Default quantizer: a uniform grid per tensor whose rounding error is this fraction of the tensor's norm.
 #: Chosen so that every public model keeps its answers (tools/fidelity_table.py); see the README.
-DEFAULT_REL_ERROR = 2e-3
+DEFAULT_REL_ERROR = 3e-3
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
 RULE_KEYS = ("quantizer", "rel_error", "step", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 

@@ -45,7 +45,16 @@ MIN_TOP1 = 0.99
 MAX_REL_L2 = 1e-2
 
 
-def inputs_for(name: str, path: Path) -> dict:
+def inputs_for(name: str, path: Path, kind: str = "natural") -> dict:
+    """Natural inputs (tools/natural_inputs.py: rendered text, photos, synthetic speech and notes), or random ones."""
+    if kind == "natural":
+        from natural_inputs import natural_inputs
+
+        return natural_inputs(name, path, split="test")
+    return _random_inputs(name, path)
+
+
+def _random_inputs(name: str, path: Path) -> dict:
     kw = dict(MODEL_INPUTS.get(name, {}))
     model = onnx.load(str(path), load_external_data=False)
     names = {i.name for i in model.graph.input}
@@ -63,8 +72,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", default=list(fetch_models.MODELS))
     ap.add_argument("--cache", type=Path)
+    ap.add_argument("--inputs", choices=["natural", "random"], default="natural")
+    ap.add_argument("--error", type=float, help="default quantizer's relative error (default: the Policy default)")
     args = ap.parse_args()
-    print(f"# command: python tools/fidelity_table.py {' '.join(args.names)}")
+    print(f"# command: python tools/fidelity_table.py {' '.join(sys.argv[1:])}")
     print("| model | original | .dcz | ratio | coded / weights | worst rel L2 | min top-1 | pass | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
@@ -72,7 +83,9 @@ def main() -> int:
         for name in args.names:
             path = fetch_models.fetch(name, args.cache)
             t0 = time.perf_counter()
-            r = dcformat.compress(path, Path(tmp) / f"{name}.dcz", check=True, check_inputs=inputs_for(name, path))
+            policy = dcformat.Policy(rel_error={"*": args.error}) if args.error else None
+            r = dcformat.compress(path, Path(tmp) / f"{name}.dcz", policy, check=True,
+                                  check_inputs=inputs_for(name, path, args.inputs))
             secs = time.perf_counter() - t0
             worst = max((x.rel_l2 for x in r.fidelity), default=0.0)
             tops = [x.top1_agreement for x in r.fidelity if x.top1_agreement is not None]
