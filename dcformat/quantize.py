@@ -239,6 +239,7 @@ def kmeans_1d(
     pre = _Prefix(sc)
     eps = tol * (sc[-1] - sc[0])
     c = _initial_centroids(s, sc, k, init, seed, mean)
+    lo, hi = float(s[0]), float(s[-1])
     del s
     for _ in range(max_iter):
         edges = _edges(sc, c)
@@ -257,7 +258,8 @@ def kmeans_1d(
             break
     edges = _edges(sc, c)
     c = c[edges[1:] > edges[:-1]]  # drop centroids no value is nearest to
-    return np.unique(c + mean) + 0.0
+    # Adding the mean back can round a centroid a hair outside the data's range: clip it in.
+    return np.unique(np.clip(c + mean, lo, hi)) + 0.0
 
 
 def _check_codebook(codebook: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from dcformat import quantize
+
 from dcformat.errors import InputError
 from dcformat.quantize import (
     INITS,
@@ -395,3 +397,39 @@ def test_lloyd_cluster_edges_match_brute_force_nearest(seed, k):
     labels = brute_nearest(s, c)
     expected = np.searchsorted(labels, np.arange(len(c) + 1), side="left")
     np.testing.assert_array_equal(_edges(s, c), expected)
+
+
+# --- uniform grid -------------------------------------------------------------------------------
+
+
+@given(st.integers(0, 2**31), st.floats(1e-4, 0.2), st.sampled_from([np.float32, np.float16, np.float64]))
+@settings(max_examples=60, deadline=None)
+def test_uniform_grid_meets_error_and_uses_only_levels_it_needs(seed, rel, dtype):
+    x = np.random.default_rng(seed).normal(0, 0.3, 5000).astype(dtype).astype(np.float64)
+    step = quantize.uniform_step(x, rel)
+    codebook, codes = quantize.uniform_codebook(x, step, storage=np.dtype(dtype))
+    assert codebook.dtype == np.dtype(dtype) and np.all(np.diff(codebook.astype(np.float64)) > 0)
+    assert codes.dtype == np.uint16 and np.unique(codes).size == codebook.size  # every level is used
+    err = np.linalg.norm(codebook.astype(np.float64)[codes] - x) / np.linalg.norm(x)
+    if dtype is not np.float16:  # float16 storage rounding adds its own error at fine steps
+        assert err <= rel * 1.1
+    # each value sits on its nearest grid level (up to the storage dtype's rounding of the level)
+    ulp = np.spacing(np.abs(x).astype(dtype)).astype(np.float64)
+    if dtype is not np.float16:
+        assert np.all(np.abs(codebook.astype(np.float64)[codes] - x) <= step / 2 * (1 + 1e-9) + 2 * ulp)
+
+
+def test_uniform_grid_keeps_zero_and_widens_for_huge_ranges():
+    x = np.concatenate([np.random.default_rng(0).normal(0, 1e-3, 10000), [1e3, -1e3]])
+    codebook, codes = quantize.uniform_codebook(x, 1e-6, storage=np.dtype(np.float64))
+    assert codebook.size <= quantize.MAX_K and 0.0 in codebook
+    assert codebook[codes].max() == pytest.approx(1e3, rel=1e-4)  # nothing clipped
+
+
+def test_channel_rms_floor_picks_the_weakest_channel():
+    x = np.ones((4, 8))
+    x[2] *= 0.01  # a quiet output channel (row)
+    assert quantize.channel_rms_floor(x) == pytest.approx(0.01)
+    x[1] = 0  # a dead channel does not set the step
+    assert quantize.channel_rms_floor(x) == pytest.approx(0.01)
+    assert quantize.channel_rms_floor(np.full(7, 2.0)) == pytest.approx(2.0)
