@@ -391,3 +391,13 @@ def test_not_a_file(tmp_path):
         _read_all(tmp_path / "missing.dcz")
     with pytest.raises(DczError, match="directory"):
         _read_all(tmp_path)
+
+
+def test_huge_declared_shape_is_parsed_exactly_then_limited(tmp_path):
+    # dims whose product overflows 64 bits are multiplied as Python ints and refused by the limit, not wrapped.
+    f = File(tmp_path)
+    o = _first_record_offsets(f)
+    for j, d in enumerate((2**40, 2**40, 1, 1)):
+        struct.pack_into("<Q", f.sections[INDEX], o["dims"] + 8 * j, d)
+    with pytest.raises(LimitError, match=str(2**80)):
+        _read_all(f.write())

@@ -73,3 +73,11 @@ def test_bad_input():
         sparse.encode_positions(np.array([3, 3]), 4)
     with pytest.raises(InputError):
         sparse.encode_positions(np.array([1]), 0)
+
+
+def test_positions_beyond_two_to_the_31():
+    # Tensors of over 2**31 elements: positions are int64 end to end (fillers make the big gaps cheap).
+    positions = np.array([5, 2**31 - 1, 2**31, 2**31 + 70_000, 2**33 + 3], dtype=np.int64)
+    entries = sparse.encode_positions(positions, 16)
+    assert entries.size == sparse.count_entries(positions, 16) < 200_000
+    np.testing.assert_array_equal(sparse.decode_positions(entries, 16, 2**33 + 4, "t"), positions)
