@@ -48,19 +48,19 @@ XZ_PRESET = 9
 
 # One step of work, run in a subprocess so that its peak RSS (ru_maxrss) is its own.
 _STEP = r"""
-import resource, sys, time, json
+import sys, time, json
 sys.path.insert(0, {root!r})
 import dcformat
 kind, src, dst, policy = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 t0 = time.perf_counter()
 if kind == "compress":
-    from dcformat.select import Policy
-    import json as j
     dcformat.compress(src, dst, eval(policy, {{"dcformat": dcformat}}), overwrite=True)
 else:
     dcformat.decompress(src, dst, overwrite=True)
 secs = time.perf_counter() - t0
-print(json.dumps({{"seconds": secs, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+# VmHWM: this process's own peak resident set (ru_maxrss can carry the forking parent's peak over exec)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"seconds": secs, "peak_rss": hwm}}))
 """
 
 
