@@ -306,11 +306,16 @@ def decode_tensor(entry: TensorEntry, payloads: list[bytes]) -> np.ndarray:
     if len(payloads) != len(LAYOUT_STREAMS[entry.layout]):
         raise CorruptError(f"tensor {entry.name!r}: expected {len(LAYOUT_STREAMS[entry.layout])} streams")
     if entry.layout == Layout.RAW:
+        if entry.dtype == DType.BOOL and entry.numel:
+            top = int(np.frombuffer(payloads[0], dtype=np.uint8).max())
+            if top > 1:
+                raise CorruptError(f"tensor {entry.name!r}: BOOL element byte {top} is not 0 or 1")
         return np.frombuffer(payloads[0], dtype=np_dtype, count=entry.numel).reshape(entry.shape).copy()
     what = f"tensor {entry.name!r}"
     codebook = np.frombuffer(payloads[0], dtype=np_dtype, count=entry.codebook_size)
     cb_values = _as_float(codebook, entry.dtype)
-    if not np.isfinite(cb_values).all() or np.any(np.diff(cb_values) <= 0):
+    # Compared pairwise, not by np.diff: a float16 difference can overflow (with a warning) though both are finite.
+    if not np.isfinite(cb_values).all() or np.any(cb_values[1:] <= cb_values[:-1]):
         raise CorruptError(f"{what}: codebook values must be finite and strictly increasing")
     codes = huffman.decode_stream(payloads[1], entry.nnz, entry.codebook_size, f"{what} codes")
     if entry.layout == Layout.DENSE:

@@ -338,11 +338,18 @@ def _parse_record(cur: _Cursor, limits: ReadLimits) -> TensorEntry:
         raise LimitError(f"tensor {name!r}: rank {ndim} exceeds the limit {MAX_NDIM}")
     shape = cur.unpack(struct.Struct(f"<{ndim}Q"), f"tensor {name!r} dims")
     numel = 1
+    span = 1  # the element count with zero dims taken as 1: numpy cannot even shape an empty array past intp
     for d in shape:
         numel *= d  # Python int: cannot wrap
+        span *= max(d, 1)
     if numel > limits.max_tensor_elements:
         raise LimitError(
             f"tensor {name!r}: shape {list(shape)} has {numel} elements, above the limit {limits.max_tensor_elements}"
+        )
+    if span > limits.max_tensor_elements:
+        raise LimitError(
+            f"tensor {name!r}: empty shape {list(shape)}: its nonzero dims multiply to {span}, "
+            f"above the limit {limits.max_tensor_elements}"
         )
     quant = dict(codebook_size=0, code_bits=0, index_bits=0, nnz=0, position_entries=0, zeros=0)
     if layout != Layout.RAW:
@@ -540,7 +547,7 @@ class DczFile:
         raw = self._section_bytes(SectionKind.META, self.limits.max_meta_bytes)
         try:
             meta = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, or a number over 4300 digits
             raise CorruptError(f"section META: not valid UTF-8 JSON ({exc})") from None
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise CorruptError("section META: must be a JSON object of string values")

@@ -49,6 +49,9 @@ def _parse_marker(t: TensorProto) -> tuple[str, str, str]:
     """(weight name, data field, data_location state) of a slot; CorruptError if it is not a dcz slot."""
     entries: dict[str, str] = {}
     for e in t.external_data:
+        if not isinstance(e.key, str) or not isinstance(e.value, str):  # protobuf gives bytes for invalid UTF-8
+            raise CorruptError(
+                f"graph tensor {t.name!r}: external_data entry {e.key!r}: {e.value!r} is not valid UTF-8")
         if e.key in entries:
             raise CorruptError(f"graph tensor {t.name!r}: external_data key {e.key!r} appears twice")
         entries[e.key] = e.value
