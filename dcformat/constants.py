@@ -175,3 +175,8 @@ DEFAULT_MAX_META_BYTES = 1 << 26
 DEFAULT_MAX_GRAPH_BYTES = 1 << 31
 #: Tensors in one file.
 DEFAULT_MAX_TENSORS = 1 << 20
+#: Decoded bytes per byte of file. A zero-bit single-symbol stream lets a tiny file describe a huge tensor;
+#: real files expand 2-100x (the paper's LeNets: 40x), so 4096x is generous and stops a 2 KB file from
+#: demanding gigabytes. Files below DEFAULT_EXPANSION_FLOOR bytes of output are never refused for it.
+DEFAULT_MAX_EXPANSION = 4096
+DEFAULT_EXPANSION_FLOOR = 1 << 28

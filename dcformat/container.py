@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Mapping
 
 from .constants import (
+    DEFAULT_EXPANSION_FLOOR,
+    DEFAULT_MAX_EXPANSION,
     DEFAULT_MAX_GRAPH_BYTES,
     DEFAULT_MAX_INDEX_BYTES,
     DEFAULT_MAX_META_BYTES,
@@ -84,6 +86,7 @@ class ReadLimits:
 
     max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_expansion: int = DEFAULT_MAX_EXPANSION  # decoded bytes per file byte, above DEFAULT_EXPANSION_FLOOR
     max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES
     max_meta_bytes: int = DEFAULT_MAX_META_BYTES
     max_graph_bytes: int = DEFAULT_MAX_GRAPH_BYTES
@@ -574,6 +577,11 @@ class DczFile:
             if total > self.limits.max_total_bytes:
                 raise LimitError(
                     f"tensor {t.name!r}: decoded tensors would total {total} bytes, above the limit {self.limits.max_total_bytes}"
+                )
+            if total > max(DEFAULT_EXPANSION_FLOOR, self.limits.max_expansion * self.file_size):
+                raise LimitError(
+                    f"tensor {t.name!r}: decoded tensors would total {total} bytes, more than {self.limits.max_expansion}x "
+                    f"the file's {self.file_size} bytes (raise ReadLimits.max_expansion for a file you trust)"
                 )
             placed = []
             for s in t.streams:

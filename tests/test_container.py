@@ -401,3 +401,25 @@ def test_huge_declared_shape_is_parsed_exactly_then_limited(tmp_path):
         struct.pack_into("<Q", f.sections[INDEX], o["dims"] + 8 * j, d)
     with pytest.raises(LimitError, match=str(2**80)):
         _read_all(f.write())
+
+
+def test_tiny_file_cannot_demand_gigabytes(tmp_path):
+    # A single-symbol code costs zero bits, so a file of a few hundred bytes could describe 2**30 floats.
+    from dcformat.codec import write_dcz as _w
+
+    p = tmp_path / "const.dcz"
+    _w(p, [TensorInput("c", np.full(1 << 20, 0.5, np.float32), CompressSettings(bits=1))])
+    f = File.__new__(File)
+    data = p.read_bytes()
+    assert len(data) < 1000
+    f.tmp, f.head = tmp_path, bytearray(data[:HEADER])
+    f.table = [list(struct.unpack_from("<HHIQQQ", data, HEADER + i * ENTRY)) for i in range(4)]
+    f.sections = {e[0]: bytearray(lzma.decompress(data[e[3]:e[3] + e[4]]) if e[1] & 2 else data[e[3]:e[3] + e[4]])
+                  for e in f.table}
+    o = _first_record_offsets(f)
+    struct.pack_into("<Q", f.sections[INDEX], o["dims"], 1 << 30)  # 1-D: 4 GiB of float32
+    struct.pack_into("<Q", f.sections[INDEX], o["dims"] + 8 + 8, 1 << 30)  # nnz = elements (dense)
+    bad = f.write()
+    with pytest.raises(LimitError, match="more than 4096x the file"):
+        _read_all(bad)
+    assert read_dcz(p).tensors["c"].size == 1 << 20  # the honest file reads
