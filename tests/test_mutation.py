@@ -565,7 +565,8 @@ def test_float16_codebook_spanning_the_whole_range_reads_without_warnings(sample
 
 def test_a_tiny_file_can_declare_a_huge_tensor_and_the_limit_stops_it(samples, scratch):
     """A single-symbol code takes zero bits per element, so a ~1 KB file can legitimately describe 2**26
-    float32 ones (256 MiB); ReadLimits, checked in phase one before any payload is read, is the defence."""
+    float32 ones (256 MiB); ReadLimits, checked in phase one before any payload is read, is the defence:
+    the absolute total, and by default the expansion over the file's size."""
     s = samples["codec"]
     p = Parts(s.data)
     at: dict[str, Field] = {}
@@ -578,8 +579,10 @@ def test_a_tiny_file_can_declare_a_huge_tensor_and_the_limit_stops_it(samples, s
     assert scratch.stat().st_size < 2000
     with pytest.raises(dcformat.LimitError, match=r"tensor 'ones': decoded tensors would total \d+ bytes, above"):
         dcformat.open_dcz(scratch, dcformat.ReadLimits(max_total_bytes=1 << 24))
-    entry = dcformat.open_dcz(scratch).entry("ones")  # within the default limits: decoding it would take 256 MiB
-    assert entry.nbytes == 4 << 26
+    with pytest.raises(dcformat.LimitError, match=r"more than 4096x the file"):
+        dcformat.open_dcz(scratch)  # default limits: 256 MiB from a ~1 KB file is refused
+    trusted = dcformat.ReadLimits(max_expansion=1 << 20)
+    assert dcformat.open_dcz(scratch, trusted).entry("ones").nbytes == 4 << 26  # a user who trusts it can open it
 
 
 def _record_offset(p: Parts, name: str) -> int:
