@@ -124,8 +124,8 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
               help="uniform: a grid per tensor at --error (default). kmeans: the paper's 2^bits-entry codebooks "
                    "(default when --bits or --preset paper is given).")
 @click.option("--error", metavar="E|KIND=E,...",
-              help="Uniform grid: rounding error as a fraction of each tensor's L2 norm (default 3e-3); "
-                   "larger is smaller and less exact.")
+              help="Uniform grid: rounding error as a fraction of the RMS of each tensor's weakest output channel "
+                   "(default 3e-3); larger is smaller and less exact.")
 @click.option("--bits", metavar="B|KIND=B,...", help=f"k-means codebook bits: '8', or per op kind 'conv=8,fc=5'. {KIND_HELP}")
 @click.option("--index-bits", metavar="B|KIND=B,...", help="Relative-index field width for sparse tensors (default 8).")
 @click.option("--sparsity", metavar="S|KIND=S,...", help="Prune this fraction of each tensor by magnitude: '0.5' or 'conv=0.5,fc=0.9'.")
