@@ -20,7 +20,7 @@ from .codec import EncodedTensor, TensorInput, iter_tensors, write_dcz
 from .constants import DType, TensorKind
 from .container import ReadLimits, open_dcz
 from .errors import InputError
-from .onnx_ingest import Weight, extract_weights, load_model
+from .onnx_ingest import Weight, extract_weights, iter_all_tensors, load_external_data, load_model
 from .onnx_rebuild import rebuild, save_model
 from .select import Policy
 
@@ -64,7 +64,7 @@ def model_bytes_on_disk(model: onnx.ModelProto, path: Path) -> int:
     """Size of a model file plus the external data files it refers to."""
     total = path.stat().st_size
     seen = set()
-    for t in _all_tensors(model):
+    for t in iter_all_tensors(model):
         for e in t.external_data:
             if e.key == "location" and e.value not in seen:
                 seen.add(e.value)
@@ -72,12 +72,6 @@ def model_bytes_on_disk(model: onnx.ModelProto, path: Path) -> int:
                 if p.is_file():
                     total += p.stat().st_size
     return total
-
-
-def _all_tensors(model: onnx.ModelProto):
-    from .onnx_ingest import iter_all_tensors
-
-    return iter_all_tensors(model)
 
 
 def _kind_code(kind: str) -> int:
@@ -126,9 +120,10 @@ def compress(
     out = Path(os.fspath(output)) if output is not None else src.with_suffix(".dcz")
     policy = policy or Policy()
     _check_output(out, [src], overwrite)
-    model = load_model(src)
-    original_bytes = model_bytes_on_disk(onnx.load(str(src), load_external_data=False), src)
-    original = model if not check else None
+    model = load_model(src, load_external=False)  # parsed once: sized on disk, then its external data read
+    original_bytes = model_bytes_on_disk(model, src)
+    load_external_data(model, src)
+    original = None
     if check:
         original = onnx.ModelProto()
         original.CopyFrom(model)

@@ -7,7 +7,6 @@ plus an opaque graph blob and a metadata map in, the same out.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -186,16 +185,29 @@ def _mask(values: np.ndarray, s: CompressSettings, name: str) -> np.ndarray:
     return values != 0
 
 
-def _huffman_stream(kind: StreamKind, symbols: np.ndarray, alphabet: int) -> tuple[StreamEntry, bytes]:
-    payload, _, _ = huffman.encode_stream(symbols, alphabet)
-    freq = np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, dtype=np.int64)
-    ent = math.ceil(huffman.entropy_bits(freq))
+class _Symbols(NamedTuple):
+    """A symbol stream with its histogram and Huffman table, built once and used for the layout choice,
+    the encoding and the entropy figure."""
+
+    symbols: np.ndarray
+    alphabet: int
+    freq: np.ndarray
+    table: huffman.HuffmanTable
+
+    @classmethod
+    def of(cls, symbols: np.ndarray, alphabet: int) -> "_Symbols":
+        freq = huffman.histogram(symbols, alphabet)
+        return cls(symbols, alphabet, freq, huffman.build_table(freq))
+
+    @property
+    def size(self) -> int:
+        return huffman.encoded_size(self.freq, self.table, self.alphabet)
+
+
+def _huffman_stream(kind: StreamKind, sym: _Symbols) -> tuple[StreamEntry, bytes]:
+    payload, _, _ = huffman.encode_stream(sym.symbols, sym.alphabet, sym.table)
+    ent = math.ceil(huffman.entropy_bits(sym.freq))
     return StreamEntry(kind, Coding.HUFFMAN, len(payload), crc32(payload), ent), payload
-
-
-def _coded_size(symbols: np.ndarray, alphabet: int) -> int:
-    freq = np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, dtype=np.int64)
-    return huffman.encoded_size(freq, huffman.build_table(freq), alphabet)
 
 
 def _with_zero(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -239,9 +251,7 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
     elif s.quantizer == "uniform":
         # The step resolves the weakest channel at rel_error (a per-tensor target would let small-scale
         # channels, e.g. low-frequency filters or BN-folded convs, lose most of their precision).
-        step = s.step or s.rel_error * math.sqrt(12) * quantize.channel_rms_floor(
-            _as_float(stored, dtype).astype(np.float64)
-        )
+        step = s.step or s.rel_error * math.sqrt(12) * quantize.channel_rms_floor(values.reshape(stored.shape))
         codebook, codes_kept = quantize.uniform_codebook(kept, step, storage=_rounding_dtype(dtype))
         if include_zero:
             codebook, codes_kept = _with_zero(codebook, codes_kept)
@@ -261,42 +271,35 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
     codes_full[mask] = codes_kept
     del values, kept
 
+    dense = _Symbols.of(codes_full, cb_size) if s.layout != "sparse" or not include_zero else None
     layout = Layout.DENSE
     if include_zero and s.layout != "dense":
-        positions = np.flatnonzero(mask)
-        entries = sparse.encode_positions(positions, s.index_bits)
-        if s.layout == "sparse" or (
-            _coded_size(codes_kept, cb_size) + _coded_size(entries, 1 << s.index_bits)
-            < _coded_size(codes_full, cb_size)
-        ):
+        kept_codes = _Symbols.of(codes_kept, cb_size)
+        entries = _Symbols.of(sparse.encode_positions(np.flatnonzero(mask), s.index_bits), 1 << s.index_bits)
+        if s.layout == "sparse" or kept_codes.size + entries.size < dense.size:
             layout = Layout.SPARSE
 
     cb_payload = codebook.tobytes()
     streams = [StreamEntry(StreamKind.CODEBOOK, Coding.PLAIN, len(cb_payload), crc32(cb_payload), 8 * len(cb_payload))]
     payloads = [cb_payload]
     if layout == Layout.DENSE:
-        entry, payload = _huffman_stream(StreamKind.CODES, codes_full, cb_size)
-        streams.append(entry)
-        payloads.append(payload)
+        coded = [(StreamKind.CODES, dense)]
         nnz, n_entries, index_bits = int(stored.size), 0, 0
     else:
-        for kind, symbols, alphabet in (
-            (StreamKind.CODES, codes_kept, cb_size),
-            (StreamKind.POSITIONS, entries, 1 << s.index_bits),
-        ):
-            entry, payload = _huffman_stream(kind, symbols, alphabet)
-            streams.append(entry)
-            payloads.append(payload)
-        nnz, n_entries, index_bits = int(codes_kept.size), int(entries.size), s.index_bits
+        coded = [(StreamKind.CODES, kept_codes), (StreamKind.POSITIONS, entries)]
+        nnz, n_entries, index_bits = int(codes_kept.size), int(entries.symbols.size), s.index_bits
+    for kind, sym in coded:
+        entry, payload = _huffman_stream(kind, sym)
+        streams.append(entry)
+        payloads.append(payload)
     if sum(len(p) for p in payloads) >= stored.nbytes:
         return _raw(t.name, dtype, stored, t.kind, "coding would not make it smaller")
+    reference = codebook[codes_full].reshape(stored.shape)
     entry = TensorEntry(
         t.name, dtype, layout, int(t.kind), tuple(int(d) for d in stored.shape), tuple(streams),
         codebook_size=cb_size, code_bits=code_bits, index_bits=index_bits, nnz=nnz, position_entries=n_entries,
+        zeros=int(stored.size - np.count_nonzero(_as_float(reference, dtype))),
     )
-    reference = codebook[codes_full].reshape(stored.shape)
-    zeros = int(stored.size - np.count_nonzero(_as_float(reference, dtype)))
-    entry = dataclasses.replace(entry, zeros=zeros)
     return EncodedTensor(entry, tuple(payloads), reference)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "build_table",
     "encoded_size",
     "entropy_bits",
+    "histogram",
     "encode_stream",
     "decode_stream",
     "table_nbytes",
@@ -179,16 +180,25 @@ def _codewords(table: HuffmanTable) -> dict[int, bitarray]:
     return out
 
 
-def encode_stream(symbols: np.ndarray, alphabet_size: int) -> tuple[bytes, HuffmanTable, int]:
+def histogram(symbols: np.ndarray, alphabet_size: int) -> np.ndarray:
+    """Count of each symbol of the alphabet in ``symbols``."""
+    symbols = np.asarray(symbols)
+    if not symbols.size:
+        return np.zeros(alphabet_size, dtype=np.int64)
+    return np.bincount(symbols.astype(np.int64, copy=False), minlength=alphabet_size)
+
+
+def encode_stream(
+    symbols: np.ndarray, alphabet_size: int, table: HuffmanTable | None = None
+) -> tuple[bytes, HuffmanTable, int]:
     """Huffman-code a 1-D array of symbols in ``[0, alphabet_size)``.
 
+    ``table`` may be given when the caller already built it from the symbols' histogram.
     Returns (stream bytes, table, number of bits in the bitstream before padding).
     """
     symbols = np.asarray(symbols)
-    freq = np.bincount(symbols.astype(np.int64, copy=False), minlength=alphabet_size) if symbols.size else np.zeros(
-        alphabet_size, dtype=np.int64
-    )
-    table = build_table(freq)
+    if table is None:
+        table = build_table(histogram(symbols, alphabet_size))
     width = _symbol_width(alphabet_size)
     header = _TABLE_HEADER.pack(table.max_length, 0)
     counts = struct.pack(f"<{len(table.counts)}I", *table.counts)

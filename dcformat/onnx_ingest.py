@@ -39,6 +39,7 @@ from dcformat.errors import InputError
 __all__ = [
     "Weight",
     "load_model",
+    "load_external_data",
     "extract_weights",
     "iter_all_tensors",
     "FLOAT_DTYPES",
@@ -551,5 +552,10 @@ def load_model(path: str | os.PathLike, *, load_external: bool = True) -> onnx.M
         raise InputError(f"{p!r} is not an ONNX model (ir_version {model.ir_version}, "
                          f"{'has' if model.HasField('graph') else 'no'} graph)")
     if load_external:
-        _load_external_data(model, os.path.dirname(os.path.abspath(p)))
+        load_external_data(model, p)
     return model
+
+
+def load_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -> None:
+    """Read the external data of a model loaded with ``load_external=False`` (same checks as load_model)."""
+    _load_external_data(model, os.path.dirname(os.path.abspath(os.fspath(model_path))))

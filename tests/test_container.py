@@ -272,7 +272,6 @@ def test_section_damage_is_caught_by_its_crc(tmp_path, kind, name):
 )
 def test_bad_xz_sections(tmp_path, payload, error, match):
     f = File(tmp_path)
-    data = f.bytes()
     meta = next(e for e in f.table if e[0] == META)
     f.table.remove(meta)
     f.table.append([META, 3, 0, 0, 0, 0])
