@@ -16,12 +16,12 @@ import numpy as np
 import onnx
 
 from . import __version__, prune
-from .codec import EncodedTensor, TensorInput, iter_tensors, write_dcz
-from .constants import DType, TensorKind
+from .codec import EncodedTensor, TensorInput, decode_tensor, iter_tensors, write_dcz
+from .constants import NUMPY_DTYPES, DType, TensorKind
 from .container import ReadLimits, open_dcz
 from .errors import InputError
-from .onnx_ingest import Weight, extract_weights, iter_all_tensors, load_external_data, load_model
-from .onnx_rebuild import rebuild, save_model
+from .onnx_ingest import WeightRef, _resolve_location, iter_all_tensors, load_model, scan_model
+from .onnx_rebuild import SlotSpec, rebuild, write_model
 from .select import Policy
 
 __all__ = ["TensorReport", "CompressResult", "compress", "decompress", "load", "model_bytes_on_disk"]
@@ -61,16 +61,24 @@ class CompressResult:
 
 
 def model_bytes_on_disk(model: onnx.ModelProto, path: Path) -> int:
-    """Size of a model file plus the external data files it refers to."""
+    """Size of a model file plus the external data files it refers to (only those inside its folder)."""
+    path = Path(path)
+    seen = {os.path.realpath(path)}
     total = path.stat().st_size
-    seen = set()
+    base = str(path.parent.absolute())
     for t in iter_all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
         for e in t.external_data:
-            if e.key == "location" and e.value not in seen:
-                seen.add(e.value)
-                p = path.parent / e.value
-                if p.is_file():
-                    total += p.stat().st_size
+            if e.key != "location":
+                continue
+            try:
+                target = _resolve_location(t, e.value, base)
+            except InputError:
+                continue
+            if target not in seen:
+                seen.add(target)
+                total += os.path.getsize(target)
     return total
 
 
@@ -81,7 +89,8 @@ def _kind_code(kind: str) -> int:
 def _check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
     for p in inputs:
         if p.exists() and output.exists() and os.path.samefile(p, output):
-            raise InputError(f"output {str(output)!r} is the input file; choose another output path")
+            what = "the input file" if p == inputs[0] else f"an input file ({str(p)!r})"
+            raise InputError(f"output {str(output)!r} is {what}; choose another output path")
     if output.exists() and not overwrite:
         raise InputError(f"output {str(output)!r} already exists (use --force / overwrite=True to replace it)")
     if output.is_dir():
@@ -120,19 +129,14 @@ def compress(
     out = Path(os.fspath(output)) if output is not None else src.with_suffix(".dcz")
     policy = policy or Policy()
     _check_output(out, [src], overwrite)
-    model = load_model(src, load_external=False)  # parsed once: sized on disk, then its external data read
-    original_bytes = model_bytes_on_disk(model, src)
-    load_external_data(model, src)
-    original = None
-    if check:
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
-    graph, weights = extract_weights(model)
-    del model
+    scanned = scan_model(src)  # the graph now; each weight read from the file when it is encoded
+    _check_output(out, [src] + [Path(f) for f in scanned.files[1:]], overwrite)  # nor its external data
+    weights, graph = scanned.weights, scanned.graph
 
     threshold = None
     if policy.global_sparsity is not None:
-        chosen = (_values(w) for w in weights if policy.settings_for(w.name, w.kind, w.array.size) is not None)
+        chosen = (_values(w.load(), w.onnx_dtype) for w in weights
+                  if policy.settings_for(w.name, w.kind, w.size) is not None)
         threshold = prune.global_threshold([v for v in chosen if np.isfinite(v).all()], policy.global_sparsity)
 
     reports: list[TensorReport] = []
@@ -142,8 +146,8 @@ def compress(
 
     def inputs() -> Iterator[TensorInput]:
         for w in weights:
-            settings = policy.settings_for(w.name, w.kind, w.array.size, threshold=threshold)
-            yield TensorInput(w.name, w.array, settings, _dtype_code(w), _kind_code(w.kind))
+            settings = policy.settings_for(w.name, w.kind, w.size, threshold=threshold)
+            yield TensorInput(w.name, w.load(), settings, _dtype_code(w), _kind_code(w.kind))
 
     def on_tensor(enc: EncodedTensor) -> None:
         e = enc.entry
@@ -157,29 +161,29 @@ def compress(
         "dcz.graph_format": GRAPH_FORMAT,
         "dcz.writer": f"dcz {__version__}",
         "dcz.source_name": src.name,
-        "dcz.original_bytes": str(original_bytes),
+        "dcz.original_bytes": str(scanned.original_bytes),
         "dcz.policy": policy.to_json(),
     }
     meta.update(metadata or {})
     size = write_dcz(out, inputs(), graph=graph, metadata=meta, on_tensor=on_tensor)
     fidelity = None
     if check:
-        from . import fidelity as fid
+        from . import fidelity as fid  # imports onnxruntime: only when asked
 
         rebuilt = rebuild(graph, refs)
-        fidelity = fid.check_models(original, rebuilt, check_inputs)
-    return CompressResult(out, original_bytes, size, reports, fidelity, refs if keep_references else None)
+        fidelity = fid.check_models(load_model(src), rebuilt, check_inputs)
+    return CompressResult(out, scanned.original_bytes, size, reports, fidelity, refs if keep_references else None)
 
 
-def _dtype_code(w: Weight) -> DType | None:
+def _dtype_code(w: WeightRef) -> DType | None:
     return DType.BFLOAT16 if w.onnx_dtype == onnx.TensorProto.BFLOAT16 else None
 
 
-def _values(w: Weight) -> np.ndarray:
+def _values(array: np.ndarray, onnx_dtype: int) -> np.ndarray:
     """A weight's numeric values (bfloat16 bit patterns widened to float32)."""
-    if w.onnx_dtype == onnx.TensorProto.BFLOAT16:
-        return (w.array.astype(np.uint32) << 16).view(np.float32)
-    return w.array
+    if onnx_dtype == onnx.TensorProto.BFLOAT16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
 
 
 def load(dcz_path: str | os.PathLike, *, limits: ReadLimits | None = None,
@@ -211,6 +215,24 @@ def decompress(
     src = Path(os.fspath(dcz_path))
     out = Path(os.fspath(output)) if output is not None else src.with_suffix(".onnx")
     _check_output(out, [src], overwrite)
-    model = load(src, limits=limits, progress=progress)
-    save_model(model, out)
+    data = out.with_name(out.name + ".data")  # where external data would go
+    if data.exists() and os.path.samefile(src, data):
+        raise InputError(f"output {str(out)!r} would write its external data over the input {str(src)!r}")
+    with open_dcz(src, limits) as f:
+        fmt = f.metadata.get("dcz.graph_format", "")
+        if fmt != GRAPH_FORMAT:
+            raise InputError(f"{dcz_path}: holds no ONNX graph (graph format {fmt!r}); read it with dcformat.read_dcz")
+        entries = {e.name: e for e in f.tensors}
+        specs = {e.name: SlotSpec(e.shape, NUMPY_DTYPES[e.dtype]) for e in f.tensors}
+        done = 0
+
+        def decode(name: str) -> np.ndarray:
+            nonlocal done
+            arr = decode_tensor(entries[name], f.read_streams(entries[name]))
+            done += 1
+            if progress is not None:
+                progress(done, len(entries), name)
+            return arr
+
+        write_model(f.graph(), specs, decode, out)
     return out

@@ -9,10 +9,12 @@ would not fit in a single protobuf message.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -27,13 +29,25 @@ from dcformat.onnx_ingest import (
     MARKER_KEY_LOCATION,
     MARKER_KEY_NAME,
     MARKER_LOCATION,
+    PLACEHOLDER_BYTES,
+    Hole,
+    WireError,
+    encode_varint,
     iter_all_tensors,
+    piece_length,
+    read_varint,
+    rewrite_message,
+    wire_fields,
 )
 
-__all__ = ["rebuild", "save_model", "PROTOBUF_LIMIT_BYTES", "EXTERNAL_MIN_TENSOR_BYTES"]
+__all__ = ["rebuild", "save_model", "write_model", "SlotSpec", "PROTOBUF_LIMIT_BYTES", "MAX_SINGLE_FILE_BYTES",
+           "EXTERNAL_MIN_TENSOR_BYTES"]
 
 #: protobuf cannot serialize or parse a message of 2 GiB or more.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+#: :func:`write_model` writes a model bigger than this with external data (read when called, so that
+#: tests can lower it to exercise the external-data path on a small model).
+MAX_SINGLE_FILE_BYTES = PROTOBUF_LIMIT_BYTES
 #: When saving with external data, tensors smaller than this stay inline (the onnx library's default too):
 #: moving tiny shape constants out gains nothing.
 EXTERNAL_MIN_TENSOR_BYTES = 1024
@@ -118,14 +132,20 @@ def rebuild(graph_blob: bytes, weights: Mapping[str, np.ndarray]) -> onnx.ModelP
     return model
 
 
+def _check_fits(t: TensorProto, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """CorruptError unless values of ``dtype`` and ``shape`` fit the slot ``t``."""
+    want = FLOAT_DTYPES[t.data_type][0]
+    if dtype.kind != want.kind or dtype.itemsize != want.itemsize:
+        raise CorruptError(f"weight {name!r}: array dtype {dtype}, slot type "
+                           f"{onnx.helper.tensor_dtype_to_string(t.data_type)} needs {want.newbyteorder('=')}")
+    slot_shape = tuple(int(d) for d in t.dims)
+    if tuple(shape) != slot_shape:
+        raise CorruptError(f"weight {name!r}: array shape {tuple(shape)}, slot dims {list(slot_shape)}")
+
+
 def _fill_slot(t: TensorProto, name: str, field: str, arr: np.ndarray) -> None:
     dtype, typed_field = FLOAT_DTYPES[t.data_type]
-    shape = tuple(int(d) for d in t.dims)
-    if arr.dtype.kind != dtype.kind or arr.dtype.itemsize != dtype.itemsize:
-        raise CorruptError(f"weight {name!r}: array dtype {arr.dtype}, slot type "
-                           f"{onnx.helper.tensor_dtype_to_string(t.data_type)} needs {dtype.newbyteorder('=')}")
-    if arr.shape != shape:
-        raise CorruptError(f"weight {name!r}: array shape {arr.shape}, slot dims {list(shape)}")
+    _check_fits(t, name, arr.dtype, arr.shape)
     del t.external_data[:]
     le = np.ascontiguousarray(arr, dtype=dtype)
     if field == "raw_data":
@@ -250,6 +270,202 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
                 else:
                     t.ClearField("data_location")
             df.close()
+        os.replace(data_tmp, data_path)
+        try:
+            os.replace(model_tmp, target)
+        except BaseException:
+            data_path.unlink(missing_ok=True)
+            raise
+    except BaseException:
+        data_tmp.unlink(missing_ok=True)
+        if model_tmp is not None:
+            model_tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a model tensor by tensor
+
+
+class SlotSpec(NamedTuple):
+    """What a weight will decode to: its shape and numpy dtype (any byte order)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def write_model(graph_blob: bytes, weights: Mapping[str, SlotSpec], decode: Callable[[str], np.ndarray],
+                path: str | os.PathLike, *, max_single_file_bytes: int | None = None) -> None:
+    """Write the model that ``rebuild(graph_blob, {n: decode(n) for n in weights})`` gives, with the same
+    bytes as ``save_model`` would write, but holding one weight in memory at a time.
+
+    ``decode(name)`` is called once per weight, in the order the file needs them. The model goes into
+    one file if it fits in ``max_single_file_bytes`` (default MAX_SINGLE_FILE_BYTES), else its large
+    tensors go into ``<file name>.data`` beside it, written tensor by tensor. Atomic like save_model.
+
+    Raises:
+        CorruptError: as :func:`rebuild` (checked before anything is written), or a decoded array
+            differs from its SlotSpec.
+        InputError, LimitError, OSError: as :func:`save_model`.
+    """
+    limit = MAX_SINGLE_FILE_BYTES if max_single_file_bytes is None else max_single_file_bytes
+    target = Path(os.fspath(path))
+    if not target.parent.is_dir():
+        raise InputError(f"cannot save model to {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(bytes(graph_blob))
+    except Exception as exc:
+        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) is not an ONNX ModelProto: {exc}") from None
+    if not model.HasField("graph"):
+        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) parses but holds no graph")
+    nonce = os.urandom(PLACEHOLDER_BYTES - 8)
+    holes: list[tuple[str, SlotSpec]] = []  # placeholder index -> weight
+    used: set[str] = set()
+    for t in iter_all_tensors(model):  # every check before anything is decoded or written
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        name, field, loc = _parse_marker(t)
+        if name in used:
+            raise CorruptError(f"weight {name!r} is named by two slots of the graph")
+        if name not in weights:
+            raise CorruptError(f"slot {name!r} of the graph has no weight")
+        spec = weights[name]
+        _check_fits(t, name, np.dtype(spec.dtype), spec.shape)
+        used.add(name)
+        if field == "raw_data":
+            del t.external_data[:]
+            t.raw_data = nonce + len(holes).to_bytes(8, "little")
+            holes.append((name, spec))
+        else:  # typed fields (hand-made models): filled now, in the graph
+            _fill_slot(t, name, field, _decoded(name, spec, decode))
+        if loc == "set":
+            t.data_location = TensorProto.DEFAULT
+        else:
+            t.ClearField("data_location")
+    unused = [n for n in weights if n not in used]
+    if unused:
+        shown = ", ".join(repr(n) for n in unused[:_MAX_NAMES_IN_MESSAGE])
+        more = f" and {len(unused) - _MAX_NAMES_IN_MESSAGE} more" if len(unused) > _MAX_NAMES_IN_MESSAGE else ""
+        raise CorruptError(f"{len(unused)} weight(s) match no slot of the graph: {shown}{more}")
+
+    blob = model.SerializeToString()
+    pieces = _expand_placeholders(blob, nonce, holes)
+    if sum(piece_length(x) for x in pieces) <= limit:
+        del model
+        fd, tmp = _temp_beside(target)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for piece in pieces:
+                    if isinstance(piece, Hole):
+                        name, spec = holes[piece.key]
+                        f.write(memoryview(_le_bytes(name, spec, decode)).cast("B"))
+                    else:
+                        f.write(piece)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
+    del pieces, blob
+    _write_with_external_data(model, target, nonce, holes, decode)
+
+
+def _decoded(name: str, spec: SlotSpec, decode: Callable[[str], np.ndarray]) -> np.ndarray:
+    arr = np.asarray(decode(name))
+    if arr.dtype != np.dtype(spec.dtype) or arr.shape != tuple(spec.shape):
+        raise CorruptError(f"weight {name!r} decoded to {arr.dtype} {arr.shape}, its record says "
+                           f"{np.dtype(spec.dtype)} {tuple(spec.shape)}")
+    return arr
+
+
+def _le_bytes(name: str, spec: SlotSpec, decode: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The weight's little-endian bytes, as _fill_slot stores them in raw_data (a contiguous array)."""
+    arr = _decoded(name, spec, decode)
+    want = np.dtype(spec.dtype).newbyteorder("<")
+    return np.ascontiguousarray(arr, dtype=want).reshape(-1)
+
+
+def _expand_placeholders(blob: bytes, nonce: bytes, holes: list) -> list:
+    """The serialized model as pieces, each placeholder raw_data a :class:`Hole` of the weight's size."""
+    found = 0
+
+    def on_tensor(buf, start: int, end: int) -> list | None:
+        nonlocal found
+        for num, wt, len_at, vs, ve in wire_fields(buf, start, end):
+            if num == 9 and wt == 2 and ve - vs == PLACEHOLDER_BYTES and buf[vs:vs + len(nonce)] == nonce:
+                key = int.from_bytes(buf[vs + len(nonce):ve], "little")
+                name, spec = holes[key]
+                n = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+                found += 1
+                return [buf[start:len_at], encode_varint(n), Hole(n, key), buf[ve:end]]
+        return None
+
+    try:
+        pieces = rewrite_message(memoryview(blob), 0, len(blob), 0, on_tensor)
+    except WireError as exc:  # pragma: no cover - protobuf's own output
+        raise CorruptError(f"graph: serialized model is not well-formed ({exc})") from None
+    if found != len(holes):  # pragma: no cover - the walk visits what iter_all_tensors visits
+        raise CorruptError(f"graph: {len(holes)} slots, {found} found in the serialized model")
+    return pieces if pieces is not None else [blob]
+
+
+def _write_with_external_data(model: onnx.ModelProto, target: Path, nonce: bytes, holes: list,
+                              decode: Callable[[str], np.ndarray]) -> None:
+    """As _save_with_external_data, with each slot's bytes decoded straight into the data file."""
+    data_path = target.with_name(target.name + ".data")
+    plan: list[tuple[int, int, object]] = []  # (offset, length, hole index or bytes), in file order
+    offset = 0
+    for t in iter_all_tensors(model):
+        if t.data_location == TensorProto.EXTERNAL or not t.HasField("raw_data"):
+            continue
+        raw = t.raw_data
+        key = None
+        if len(raw) == PLACEHOLDER_BYTES and raw.startswith(nonce):
+            key = int.from_bytes(raw[len(nonce):], "little")
+            name, spec = holes[key]
+            length = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+            if length < EXTERNAL_MIN_TENSOR_BYTES:
+                t.raw_data = _le_bytes(name, spec, decode).tobytes()
+                continue
+        else:
+            length = len(raw)
+            if length < EXTERNAL_MIN_TENSOR_BYTES:
+                continue
+        if length >= EXTERNAL_ALIGN_THRESHOLD_BYTES and offset % EXTERNAL_ALIGN_BYTES:
+            offset += EXTERNAL_ALIGN_BYTES - offset % EXTERNAL_ALIGN_BYTES
+        plan.append((offset, length, key if key is not None else raw))
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        offset += length
+        del raw
+    skeleton_size = model.ByteSize()
+    if skeleton_size > PROTOBUF_LIMIT_BYTES:
+        raise LimitError(f"model {str(target)!r}: {skeleton_size} bytes without its large tensors, "
+                         f"over the protobuf limit of {PROTOBUF_LIMIT_BYTES} bytes")
+    data_fd, data_tmp = _temp_beside(data_path)
+    model_tmp: Path | None = None
+    try:
+        with os.fdopen(data_fd, "wb") as df:
+            pos = 0
+            for off, length, source in plan:
+                if off > pos:
+                    df.write(b"\0" * (off - pos))
+                if isinstance(source, int):
+                    name, spec = holes[source]
+                    df.write(memoryview(_le_bytes(name, spec, decode)).cast("B"))
+                else:
+                    df.write(source)
+                pos = off + length
+            df.flush()
+            os.fsync(df.fileno())
+        model_fd, model_tmp = _temp_beside(target)
+        _write_file(model_fd, [model.SerializeToString()])
         os.replace(data_tmp, data_path)
         try:
             os.replace(model_tmp, target)

@@ -673,3 +673,150 @@ def test_save_model_external_limit(tmp_path, monkeypatch):
     with pytest.raises(LimitError, match=r"over the protobuf limit of 10 bytes"):
         save_model(model, tmp_path / "m.onnx", max_single_file_bytes=10)
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# scan_model and write_model: the same results as the in-memory path, one tensor at a time
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG_MODELS else n
+                                  for n in MODEL_NAMES])
+def test_scan_model_matches_extract_weights(name):
+    path = model_path(name)
+    blob, weights = extract_weights(load_model(path))
+    scanned = onnx_ingest.scan_model(path)
+    assert scanned.graph == blob
+    assert scanned.original_bytes == path.stat().st_size
+    assert [w.name for w in scanned.weights] == [w.name for w in weights]
+    for w, ref in zip(weights, scanned.weights):
+        arr = ref.load()
+        assert (ref.kind, ref.consumers, ref.origin, ref.onnx_dtype) == (w.kind, w.consumers, w.origin, w.onnx_dtype)
+        assert arr.dtype == w.array.dtype and arr.shape == w.array.shape and arr.tobytes() == w.array.tobytes()
+        assert not arr.flags.writeable
+
+
+def _write_both(tmp_path, blob, weights, limit):
+    """write_model's file(s) and save_model(rebuild(...))'s, as {name: bytes} per folder."""
+    arrays = {w.name: w.array for w in weights}
+    specs = {n: onnx_rebuild.SlotSpec(a.shape, a.dtype) for n, a in arrays.items()}
+    decoded = []
+
+    def decode(name):
+        decoded.append(name)
+        return arrays[name]
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    onnx_rebuild.write_model(blob, specs, decode, tmp_path / "new" / "m.onnx", max_single_file_bytes=limit)
+    save_model(rebuild(blob, arrays), tmp_path / "old" / "m.onnx", max_single_file_bytes=limit)
+    assert sorted(decoded) == sorted(arrays)  # each weight decoded exactly once
+    return ({p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("new", "old"))
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("limit", [onnx_rebuild.PROTOBUF_LIMIT_BYTES, 100_000], ids=["one-file", "external"])
+@pytest.mark.parametrize("name", ["silero-vad", "ppocr-cls", "centerface"])
+def test_write_model_same_bytes_as_save_model(tmp_path, name, limit):
+    blob, weights = extract_weights(load_model(model_path(name)))
+    new, old = _write_both(tmp_path, blob, weights, limit)
+    assert new == old
+    assert sorted(new) == (["m.onnx"] if limit > 100_000 else ["m.onnx", "m.onnx.data"])
+
+
+def test_write_model_every_dtype_and_field(tmp_path):
+    model, _ = _dtype_zoo()
+    blob, weights = extract_weights(model)
+    new, old = _write_both(tmp_path, blob, weights, onnx_rebuild.PROTOBUF_LIMIT_BYTES)
+    assert new == old
+
+
+def test_write_model_checks_before_writing(small, tmp_path):
+    blob, arrays = small
+    specs = {n: onnx_rebuild.SlotSpec(a.shape, a.dtype) for n, a in arrays.items()}
+    first = next(iter(arrays))
+    bad = dict(specs, **{first: onnx_rebuild.SlotSpec((1, 2, 3), arrays[first].dtype)})
+    with pytest.raises(CorruptError, match=r"shape"):
+        onnx_rebuild.write_model(blob, bad, lambda n: None, tmp_path / "m.onnx")
+    wrong = {n: a.reshape(-1)[:0] for n, a in arrays.items()}  # decodes to another shape than its record says
+    with pytest.raises(CorruptError, match=r"decoded to"):
+        onnx_rebuild.write_model(blob, specs, wrong.__getitem__, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Models that lie about where their tensors are (attribute types, data_location)
+
+
+def _lying_attribute_model(field: str) -> onnx.ModelProto:
+    """A model with an attribute declared INT that also holds a tensor (``t``, ``tensors`` or a graph ``g``)
+    whose data is external at '../secret.bin'. onnx.load_external_data follows ``t`` and ``tensors``."""
+    t = TensorProto(name="hidden", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "16")):
+        e = t.external_data.add()
+        e.key, e.value = key, value
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [_f32("x", [4])], [_f32("y", [4])])
+    a = model.graph.node[0].attribute.add()
+    a.name, a.type, a.i = "lie", onnx.AttributeProto.INT, 1
+    if field == "t":
+        a.t.CopyFrom(t)
+    elif field == "tensors":
+        a.tensors.add().CopyFrom(t)
+    else:
+        a.g.CopyFrom(helper.make_graph([], "sub", [], [], initializer=[t]))
+    return model
+
+
+@pytest.mark.parametrize("field", ["t", "tensors", "g"])
+def test_external_reference_behind_a_lying_attribute_type(model_dir, secret, spy_open, field):
+    (model_dir / "m.onnx").write_bytes(_lying_attribute_model(field).SerializeToString())
+    for read in (load_model, onnx_ingest.scan_model):
+        with pytest.raises(InputError, match=r"'hidden'.*'\.\.'"):
+            read(model_dir / "m.onnx")
+    _assert_nothing_outside(spy_open, model_dir)
+
+
+def test_function_attribute_default_with_external_data_is_checked(model_dir, secret, spy_open):
+    model = _lying_attribute_model("t")
+    a = model.graph.node[0].attribute[0]
+    f = helper.make_function("local", "F", ["x"], ["y"], [helper.make_node("Identity", ["x"], ["y"])],
+                             [helper.make_opsetid("", 17)])
+    f.attribute_proto.add().CopyFrom(a)
+    del model.graph.node[0].attribute[:]
+    model.functions.append(f)
+    (model_dir / "m.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match=r"'hidden'.*'\.\.'"):
+        onnx_ingest.scan_model(model_dir / "m.onnx")
+    _assert_nothing_outside(spy_open, model_dir)
+
+
+@pytest.mark.parametrize("field", ["t", "tensors", "g"])
+def test_rebuild_refuses_external_reference_behind_a_lying_attribute_type(tmp_path, field):
+    blob = _lying_attribute_model(field).SerializeToString()
+    with pytest.raises(CorruptError, match=r"'hidden' refers to external data '\.\./secret\.bin'"):
+        rebuild(blob, {})
+    with pytest.raises(CorruptError, match=r"'hidden' refers to external data '\.\./secret\.bin'"):
+        onnx_rebuild.write_model(blob, {}, lambda n: None, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_stray_external_data_entries_on_an_inline_weight_are_refused():
+    """data_location DEFAULT with external_data entries: ignored by onnx, but the slot could not be read back."""
+    w = _raw_tensor("w", np.arange(4, dtype=np.float32), TensorProto.FLOAT)
+    e = w.external_data.add()
+    e.key, e.value = "location", "elsewhere.bin"
+    model = _model([helper.make_node("Identity", ["w"], ["y"])], [], [_f32("y", [4])], [w])
+    with pytest.raises(InputError, match=r"'w' has 1 external_data entries but keeps its data inline"):
+        extract_weights(model)
+
+
+def test_scan_model_reads_external_weights_on_demand(model_dir, spy_open):
+    (model_dir / "w.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    path = _external_model(model_dir, "w.bin")
+    scanned = onnx_ingest.scan_model(path)
+    assert sum(p.endswith("w.bin") for p in spy_open) == 0  # checked (stat), not read yet
+    assert np.array_equal(scanned.weights[0].load(), np.arange(4, dtype=np.float32))
+    assert scanned.original_bytes == path.stat().st_size + 16
+    blob, weights = extract_weights(load_model(path))
+    assert scanned.graph == blob
+    _assert_nothing_outside(spy_open, model_dir)
