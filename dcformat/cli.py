@@ -206,15 +206,23 @@ def decompress(dcz, output, force, quiet):
 @click.argument("dcz", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable breakdown on stdout.")
 @click.option("--all", "show_all", is_flag=True, help=f"List every tensor (default: the {INSPECT_TOP} largest).")
-def inspect(dcz, as_json, show_all):
+@click.option("--paper", is_flag=True,
+              help="Deep Compression's per-layer columns: weights, % kept, code and index bits before and after "
+                   "Huffman coding (per kept weight), compress rate; with --all, raw tensors too.")
+def inspect(dcz, as_json, show_all, paper):
     """Show where every byte of DCZ went, per tensor and per stream, beside the entropy bound.
 
     Reads only the file's index, so it is instant on any file size.
     """
-    from .report import breakdown, format_table, to_json
+    from .report import breakdown, format_paper_table, format_table, to_json
 
     b = breakdown(dcz)
-    click.echo(to_json(b) if as_json else format_table(b, top=None if show_all else INSPECT_TOP))
+    if as_json:
+        click.echo(to_json(b))
+    elif paper:
+        click.echo(format_paper_table(b, include_raw=show_all))
+    else:
+        click.echo(format_table(b, top=None if show_all else INSPECT_TOP))
 
 
 @main.command()

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from .constants import Layout, SectionKind, StreamKind
 from .container import DczFile, TensorEntry, open_dcz
 
-__all__ = ["LayerRow", "Breakdown", "breakdown", "format_table", "to_json"]
+__all__ = ["LayerRow", "Breakdown", "breakdown", "format_table", "format_paper_table", "to_json"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class LayerRow:
     positions_bits_per_nonzero: float
     ratio: float  # original / stored
     share: float  # of the whole file
+    kept: float  # nonzeros / params: the paper's "weights% (P)" (1.0 for raw tensors)
+    fixed_bytes: int  # the same codes and indices at their nominal widths, no Huffman (paper: "P+Q"), plus codebook
+    rate: float  # stored / original: the paper's "compress rate (P+Q+H)"
+    fixed_rate: float  # fixed_bytes / original: the paper's "compress rate (P+Q)"
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ def _row(t: TensorEntry, file_bytes: int) -> LayerRow:
     nonzeros = numel - t.zeros if t.layout != Layout.RAW else numel
     stored = t.stored_bytes
     per_nz = max(nonzeros, 1)
+    fixed = stored if t.layout == Layout.RAW else (
+        stream_len(StreamKind.CODEBOOK) + _ceil_bytes(t.nnz * t.code_bits) + _ceil_bytes(t.position_entries * t.index_bits)
+    )
     return LayerRow(
         name=t.name,
         kind=t.kind_name,
@@ -97,7 +104,15 @@ def _row(t: TensorEntry, file_bytes: int) -> LayerRow:
         positions_bits_per_nonzero=8 * stream_len(StreamKind.POSITIONS) / per_nz,
         ratio=t.nbytes / stored if stored else float("inf"),
         share=stored / file_bytes if file_bytes else 0.0,
+        kept=nonzeros / numel if numel else 0.0,
+        fixed_bytes=fixed,
+        rate=stored / t.nbytes if t.nbytes else 0.0,
+        fixed_rate=fixed / t.nbytes if t.nbytes else 0.0,
     )
+
+
+def _ceil_bytes(bits: int) -> int:
+    return (bits + 7) // 8
 
 
 def breakdown(source: str | os.PathLike | DczFile) -> Breakdown:
@@ -180,6 +195,60 @@ def format_table(b: Breakdown, *, top: int | None = None, name_width: int = 36) 
     original = b.metadata.get("dcz.original_bytes")
     if original and original.isdigit() and int(original):
         lines.append(f"original     {_size(int(original))} model file -> {int(original) / b.file_bytes:.1f}x smaller")
+    return "\n".join(lines)
+
+
+def format_paper_table(b: Breakdown, *, include_raw: bool = False, name_width: int = 24) -> str:
+    """Deep Compression's per-layer columns (Han et al. 2016, Tables 2-5), one line per coded tensor in file order.
+
+    Columns: weights; weights% kept (P); weight bits (P+Q), the nominal code width; weight bits (P+Q+H), stored
+    code-stream bits per kept weight; index bits (P+Q), the relative-index width; index bits (P+Q+H), stored
+    position-stream bits per kept weight; compress rate (P+Q) at the nominal widths and (P+Q+H) as stored, both
+    stored / original and both counting the codebook. Stored stream bits include each stream's Huffman table.
+    Raw tensors are summed in one line unless ``include_raw``.
+    """
+    head = (
+        f"{'layer':<{name_width}} {'weights':>10} {'kept':>6} {'w bits':>6} {'(+H)':>6} {'idx bits':>8} {'(+H)':>6} "
+        f"{'rate P+Q':>9} {'P+Q+H':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    coded = [r for r in b.rows if r.layout != "raw"]
+    raw = [r for r in b.rows if r.layout == "raw"]
+    for r in b.rows if include_raw else coded:
+        if r.layout == "raw":
+            lines.append(f"{_shorten(r.name, name_width):<{name_width}} {r.params:>10,} {r.kept:>6.1%} "
+                         f"{'raw':>6} {'-':>6} {'-':>8} {'-':>6} {r.fixed_rate:>9.2%} {r.rate:>8.2%}")
+            continue
+        sparse = r.layout == "sparse"
+        lines.append(
+            f"{_shorten(r.name, name_width):<{name_width}} {r.params:>10,} {r.kept:>6.1%} {r.bits:>6} "
+            f"{r.codes_bits_per_nonzero:>6.2f} {r.index_bits if sparse else '-':>8} "
+            f"{f'{r.positions_bits_per_nonzero:.2f}' if sparse else '-':>6} {r.fixed_rate:>9.2%} {r.rate:>8.2%}"
+        )
+    lines.append("-" * len(head))
+    if coded:
+        params = sum(r.params for r in coded)
+        orig = sum(r.original_bytes for r in coded)
+        fixed = sum(r.fixed_bytes for r in coded)
+        stored = sum(r.stored_bytes for r in coded)
+        lines.append(
+            f"{'total (coded)':<{name_width}} {params:>10,} {sum(r.nonzeros for r in coded) / params:>6.1%} "
+            f"{'':>6} {'':>6} {'':>8} {'':>6} {fixed / orig:>9.2%} {stored / orig:>8.2%}  "
+            f"({orig / stored:.1f}x: {_size(orig)} -> {_size(stored)})"
+        )
+    if raw and not include_raw:
+        lines.append(f"{'raw tensors':<{name_width}} {sum(r.params for r in raw):>10,}  "
+                     f"{len(raw)} stored as is: {_size(sum(r.stored_bytes for r in raw))}")
+    lines += [
+        f"{'all tensors':<{name_width}} {_size(b.original_bytes)} -> {_size(b.tensor_bytes)} ({b.ratio:.1f}x)",
+        (f"{'file':<{name_width}} {b.file_bytes:,} B = tensors {b.tensor_bytes:,} + graph {b.graph_bytes:,} "
+         f"+ header/index/metadata {b.overhead_bytes:,}"),
+    ]
+    original = b.metadata.get("dcz.original_bytes")
+    if original and original.isdigit() and int(original):
+        lines.append(f"{'original model file':<{name_width}} {int(original):,} B -> {int(original) / b.file_bytes:.1f}x smaller")
+    lines.append("bits (+H) are stored stream bits per kept weight, Huffman table included; rates are stored / original "
+                 "bytes, codebook included")
     return "\n".join(lines)
 
 
