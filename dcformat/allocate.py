@@ -37,7 +37,7 @@ from .onnx_ingest import Weight
 from .onnx_rebuild import rebuild
 from .select import LayerRule, Policy
 
-__all__ = ["Target", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
+__all__ = ["Target", "Verification", "compress_to_target", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
            "SYNTHETIC_WARNING"]
 
 #: Relative errors tried per tensor: 3e-4 (near lossless) to 0.5 (most weights zero), 17 steps of ~1.7x.
@@ -65,17 +65,28 @@ _METRICS = ("rel_l2", "cosine", "top1")
 @dataclass(frozen=True)
 class Target:
     """A fidelity target on every output: ``rel_l2 <= v``, ``cosine >= v`` or ``top1 >= v`` (top-1
-    agreement; outputs without class scores are held to rel_l2 <= 1e-2 instead)."""
+    agreement; outputs without class scores are held to rel_l2 <= 1e-2 instead); or ``task=CHECK``: the same
+    task-level answers (dcformat.tasks: a model id such as ``ddddocr-common`` or a kind such as ``ctc``) on
+    every calibration item."""
 
     metric: str
     value: float
+    task: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Target":
         metric, eq, value = text.partition("=")
         metric = metric.strip().replace("-", "_")
+        if metric == "task" and eq:
+            from . import tasks
+
+            check = value.strip()
+            if check not in tasks.MODEL_TASKS and check not in tasks.KINDS:
+                raise InputError(f"target {text!r}: no task check {check!r}; models: {', '.join(tasks.MODEL_TASKS)}; "
+                                 f"kinds: {', '.join(tasks.KINDS)}")
+            return cls("task", 1.0, check)
         if not eq or metric not in _METRICS:
-            raise InputError(f"target {text!r}: expected one of {', '.join(m + '=VALUE' for m in _METRICS)}")
+            raise InputError(f"target {text!r}: expected one of {', '.join(m + '=VALUE' for m in _METRICS)}, or task=CHECK")
         try:
             v = float(value)
         except ValueError:
@@ -84,7 +95,15 @@ class Target:
             raise InputError(f"target {text!r}: {metric} must be in {'(0, 1)' if metric == 'rel_l2' else '(0, 1]'}")
         return cls(metric, v)
 
-    def met(self, fids: Sequence[fidelity.OutputFidelity]) -> bool:
+    def met(self, fids: Sequence[fidelity.OutputFidelity], reference: Mapping[str, np.ndarray] | None = None,
+            outputs: Mapping[str, np.ndarray] | None = None) -> bool:
+        """Whether the outputs meet the target (task targets need the reference and candidate outputs)."""
+        if self.metric == "task":
+            if reference is None or outputs is None:
+                raise InputError(f"target {self}: a task check needs the model outputs")
+            from . import tasks
+
+            return tasks.task_check(self.task, reference, outputs).agree >= self.value
         for f in fids:
             if self.metric == "rel_l2" and not f.rel_l2 <= self.value:
                 return False
@@ -99,7 +118,7 @@ class Target:
         return True
 
     def __str__(self) -> str:
-        return f"{self.metric}={self.value:g}"
+        return f"task={self.task}" if self.metric == "task" else f"{self.metric}={self.value:g}"
 
 
 @dataclass(frozen=True)
@@ -230,6 +249,11 @@ class Probe:
     def compare(self, replaced: Mapping[str, np.ndarray]) -> list[fidelity.OutputFidelity]:
         return fidelity.compare(self.reference, self._run(replaced))
 
+    def meets(self, replaced: Mapping[str, np.ndarray], target: Target) -> tuple[bool, list[fidelity.OutputFidelity]]:
+        outputs = self._run(replaced)
+        fids = fidelity.compare(self.reference, outputs)
+        return target.met(fids, self.reference, outputs), fids
+
 
 def _distortion(fids: Sequence[fidelity.OutputFidelity]) -> float:
     return float(sum(f.rel_l2 ** 2 for f in fids if math.isfinite(f.rel_l2)))
@@ -339,9 +363,10 @@ def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Ma
     def choose(lam: float) -> dict[str, Candidate]:
         return {n: min(cs, key=lambda c: c.bits + lam * s[n] * c.sq_error) for n, cs in cands.items()}
 
-    def measure(choice: Mapping[str, Candidate]) -> list[fidelity.OutputFidelity]:
-        arrays = {w.name: w.array for w in tensors}
-        return probe.compare({n: _values(np.asarray(arrays[n]), c) for n, c in choice.items()})
+    arrays = {w.name: w.array for w in tensors}
+
+    def measure(choice: Mapping[str, Candidate]) -> tuple[bool, list[fidelity.OutputFidelity]]:
+        return probe.meets({n: _values(np.asarray(arrays[n]), c) for n, c in choice.items()}, target)
 
     # Bisection on log(lam): larger lam = more bits, less distortion. Bracket from 1 to 1e16 bits per unit.
     lo, hi = 0.0, 16.0
@@ -350,8 +375,7 @@ def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Ma
     for _ in range(SEARCH_STEPS):
         mid = (lo + hi) / 2
         choice = choose(10.0 ** mid)
-        fids = measure(choice)
-        ok = target.met(fids)
+        ok, fids = measure(choice)
         size = sum(c.bits for c in choice.values()) / 8
         say(f"  lam=1e{mid:.2f}: {size / 1e6:.3f} MB estimated, worst rel L2 "
             f"{max((f.rel_l2 for f in fids), default=0):.2e}, {'meets' if ok else 'misses'} {target}")
@@ -359,15 +383,15 @@ def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Ma
             hi, best = mid, (choice, fids)
         else:
             lo = mid
+    met = best is not None
     if best is None:
-        fids = measure(finest)
-        best = (finest, fids)
+        best = (finest, measure(finest)[1])
         say(f"  no multiplier met {target}; using the finest candidates")
     choice, fids = best
     if best[0] is not finest:
         choice, fids = _refine(dict(choice), fids, cands, measure, target, say)
     chosen = [TensorChoice(w.name, int(w.array.size), s[w.name], choice[w.name]) for w in tensors]
-    return Allocation(target, chosen, fixed, fids, target.met(fids), int(sum(c.bits for c in choice.values()) / 8),
+    return Allocation(target, chosen, fixed, fids, met, int(sum(c.bits for c in choice.values()) / 8),
                       probe.runs, time.perf_counter() - t0)
 
 
@@ -389,9 +413,8 @@ def _refine(choice: dict[str, Candidate], fids, cands: Mapping[str, list[Candida
         lo, hi = -1, len(ladder)  # ladder[lo] is known good (-1: the current choice), ladder[hi] known bad
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            trial = {**choice, n: ladder[mid]}
-            f = measure(trial)
-            if target.met(f):
+            ok, f = measure({**choice, n: ladder[mid]})
+            if ok:
                 lo, fids = mid, f
             else:
                 hi = mid
@@ -411,14 +434,25 @@ def calibration_inputs(model: onnx.ModelProto | str, path: str | None, *, seed: 
     return fidelity.random_inputs(model, seed=seed)
 
 
+@dataclass(frozen=True)
+class Verification:
+    """The final full run: the written file decoded, rebuilt and run beside the original."""
+
+    met: bool
+    fidelity: list[fidelity.OutputFidelity]
+    detail: str  # the task check's one-line detail, or the worst metric
+    on: str  # "calibration" or "check inputs"
+
+
 def compress_to_target(model_path, output, policy: Policy, target: Target,
                        calibration: Mapping[str, np.ndarray] | None, *, check_inputs: Mapping[str, np.ndarray] | None = None,
                        overwrite: bool = False, log: Log | None = None,
                        progress: Callable[[int, int, str], None] | None = None):
-    """Allocate settings on ``calibration`` (random inputs, with a warning, when None), then compress with them
-    and verify with a full rebuild run on ``check_inputs`` (default: the calibration inputs).
+    """Allocate settings on ``calibration`` (random inputs, with a warning, when None), compress with them, then
+    verify: decode the written file, rebuild the model and run it beside the original on ``check_inputs``
+    (default: the calibration inputs).
 
-    Returns (CompressResult, Allocation). The result's fidelity is the final full run's.
+    Returns (CompressResult, Allocation, Verification).
     """
     from . import api
     from .onnx_ingest import extract_weights, load_model
@@ -430,10 +464,20 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
     del model
     alloc = allocate(graph, weights, policy, calibration, target, log=log, progress=None)
     del graph, weights
-    result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, check=True,
-                          check_inputs=check_inputs if check_inputs is not None else calibration, progress=progress,
+    result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, progress=progress,
                           metadata={"dcz.target": str(target), "dcz.target_met_on_calibration": str(alloc.met).lower()})
-    return result, alloc
+    inputs = check_inputs if check_inputs is not None else calibration
+    reference = fidelity.run(load_model(model_path), inputs)
+    outputs = fidelity.run(api.load(result.output), inputs)
+    fids = fidelity.compare(reference, outputs)
+    met = target.met(fids, reference, outputs)
+    if target.metric == "task":
+        from . import tasks
+
+        detail = tasks.task_check(target.task, reference, outputs).detail
+    else:
+        detail = f"worst rel L2 {max((f.rel_l2 for f in fids), default=0.0):.2e}"
+    return result, alloc, Verification(met, fids, detail, "check inputs" if check_inputs is not None else "calibration")
 
 
 @dataclass(frozen=True)

@@ -190,9 +190,8 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
 
             calibration = allocate.calibration_inputs(load_model(model, load_external=False), None, warn=warn)
         with _progress("compress", quiet or as_json) as progress:
-            result, alloc = allocate.compress_to_target(model, output, policy, goal, calibration, check_inputs=check_inputs,
+            result, alloc, verified = allocate.compress_to_target(model, output, policy, goal, calibration, check_inputs=check_inputs,
                                                         overwrite=force, log=say, progress=progress)
-        check = True
     else:
         with _progress("compress", quiet or as_json) as progress:
             result = api.compress(model, output, policy, overwrite=force, check=check, check_inputs=check_inputs,
@@ -207,34 +206,38 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
             "fidelity": [f.__dict__ for f in result.fidelity] if result.fidelity is not None else None,
         }
         if alloc is not None:
-            doc["target"] = {"goal": str(alloc.target), "met": alloc.target.met(result.fidelity),
-                             "evaluations": alloc.evaluations, "allocation_seconds": alloc.seconds,
+            doc["fidelity"] = [f.__dict__ for f in verified.fidelity]
+            doc["target"] = {"goal": str(alloc.target), "met": verified.met, "verified_on": verified.on,
+                             "detail": verified.detail, "evaluations": alloc.evaluations,
+                             "allocation_seconds": alloc.seconds,
                              "choices": [{"name": c.name, "rel_error": c.candidate.rel_error,
                                           "per_channel": c.candidate.per_channel, "sensitivity": c.sensitivity}
                                          for c in alloc.choices],
                              "kept_at_policy": alloc.fixed}
         click.echo(json.dumps(doc, indent=2))
-        if alloc is not None and not doc["target"]["met"]:
+        if alloc is not None and not verified.met:
             sys.exit(EXIT_ERROR)
         return
     if not quiet:
         click.echo(f"{model} -> {result.output}: {result.original_bytes:,} -> {result.dcz_bytes:,} bytes "
                    f"({result.ratio:.2f}x) in {seconds:.1f} s; {coded} of {len(result.tensors)} weights coded")
         if alloc is not None:
-            met = alloc.target.met(result.fidelity)
             pc = sum(c.candidate.per_channel for c in alloc.choices)
             errs = sorted(c.candidate.rel_error for c in alloc.choices)
-            click.echo(f"target {alloc.target}: {'met' if met else 'NOT met'} on "
-                       f"{'the held-out --inputs' if check_inputs is not None else 'the calibration inputs'}; "
-                       f"{len(alloc.choices)} tensors allocated ({pc} per-channel), rounding error "
-                       f"{errs[0]:.1e}..{errs[-1]:.1e} of channel RMS" if errs else f"target {alloc.target}")
+            span = f", rounding error {errs[0]:.1e}..{errs[-1]:.1e} of channel RMS" if errs else ""
+            click.echo(f"target {alloc.target}: {'met' if verified.met else 'NOT met'} on the {verified.on} "
+                       f"({verified.detail}); {len(alloc.choices)} tensors allocated ({pc} per-channel){span}; "
+                       f"{alloc.evaluations} model runs in {alloc.seconds:.1f} s")
+            click.echo(_fidelity_table(verified.fidelity))
         if result.fidelity is not None:
             if check_inputs is None and alloc is None:
                 click.echo("fidelity on random inputs (a weak check: use --inputs with real data):")
             click.echo(_fidelity_table(result.fidelity))
-    if alloc is not None and not alloc.target.met(result.fidelity):
-        click.echo(f"dcz: error: the file meets {alloc.target} on the calibration inputs but not on the check "
-                   f"inputs; it was written to {result.output} for inspection", err=True)
+    if alloc is not None and not verified.met:
+        why = ("no setting met it on the calibration inputs, so the finest grids were used" if not alloc.met else
+               "it is met on the calibration inputs but not on the check inputs")
+        click.echo(f"dcz: error: target {alloc.target} not met: {why}; the file was written to {result.output} "
+                   f"for inspection", err=True)
         sys.exit(EXIT_ERROR)
 
 
