@@ -49,6 +49,8 @@ def main() -> None:
     dcz compress model.onnx            -> model.dcz
     dcz decompress model.dcz           -> model.onnx (runs in onnxruntime)
     dcz inspect model.dcz              where every byte went
+    dcz compress m.onnx --target rel_l2=1e-2 --calibration x.npz   smallest file meeting a fidelity target
+    dcz sensitivity model.onnx         which tensors matter
     dcz demo                           try it on a bundled LeNet and real MNIST digits
     """
 
@@ -78,7 +80,7 @@ def _progress(label: str, quiet: bool) -> Iterator:
 
 
 def _policy(preset, quantizer, error, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw,
-            min_elements, compress_norm) -> Policy:
+            min_elements, compress_norm, per_channel=False) -> Policy:
     kw = {}
     # --bits and --preset paper are k-means settings: they choose the k-means quantizer unless told otherwise.
     kw["quantizer"] = quantizer or ("kmeans" if bits or preset == "paper" else "uniform")
@@ -95,7 +97,7 @@ def _policy(preset, quantizer, error, bits, index_bits, sparsity, quality, globa
     if init:
         kw["init"] = init
     kw.update(global_sparsity=global_sparsity, layers=tuple(parse_layer_rule(r) for r in layer), raw=tuple(raw),
-              min_elements=min_elements, compress_norm=compress_norm)
+              min_elements=min_elements, compress_norm=compress_norm, per_channel=per_channel)
     if preset == "paper":
         base = Policy.paper()
         kw.setdefault("bits", base.bits)
@@ -138,13 +140,20 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
 @click.option("--min-elements", type=click.IntRange(0), default=DEFAULT_MIN_ELEMENTS, show_default=True,
               help="Tensors with fewer elements are stored raw.")
 @click.option("--compress-norm", is_flag=True, help="Also compress normalisation parameters (raw by default).")
+@click.option("--per-channel", is_flag=True, help="Uniform grid: one scale per output channel (fits BN-folded convs).")
+@click.option("--target", metavar="METRIC=V",
+              help="Choose per-tensor settings automatically: the smallest file whose outputs on the calibration inputs "
+                   "meet rel_l2=V (every output), cosine=V or top1=V; verified by a full run. E.g. --target rel_l2=1e-2.")
+@click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --target: a .npz of real inputs keyed by graph input name (default: random inputs, with a warning).")
 @click.option("--check", is_flag=True, help="Run original and rebuilt model in onnxruntime and report the output error.")
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --check: a .npz of inputs keyed by graph input name (default: random inputs).")
+              help="With --check: a .npz of inputs keyed by graph input name (default: random inputs). "
+                   "With --target: held-out inputs for the final check (default: the calibration inputs).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def compress(model, output, force, preset, quantizer, error, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw,
-             min_elements, compress_norm, check, inputs_path, as_json, quiet):
+             min_elements, compress_norm, per_channel, target, calibration_path, check, inputs_path, as_json, quiet):
     """Compress an ONNX MODEL into a .dcz file.
 
     By default every float weight of at least --min-elements elements is rounded to a uniform grid whose
@@ -155,17 +164,38 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
     from . import api
 
     policy = _policy(preset, quantizer, error, bits, index_bits, sparsity, quality, global_sparsity, init, layer, raw, min_elements,
-                     compress_norm)
+                     compress_norm, per_channel)
     check_inputs = None
     if inputs_path is not None:
         from .fidelity import load_inputs
 
         check_inputs = load_inputs(inputs_path)
         check = True
+    if calibration_path is not None and target is None:
+        raise click.UsageError("--calibration is used by --target; give --target too (or --inputs for a check)")
     t0 = time.perf_counter()
-    with _progress("compress", quiet or as_json) as progress:
-        result = api.compress(model, output, policy, overwrite=force, check=check, check_inputs=check_inputs,
-                              progress=progress)
+    alloc = None
+    if target is not None:
+        from . import allocate
+        from .fidelity import load_inputs
+
+        goal = allocate.Target.parse(target)
+        if policy.quantizer != "uniform":
+            raise click.UsageError("--target chooses uniform grids; it cannot be combined with --bits/--preset paper/--quantizer kmeans")
+        calibration = load_inputs(calibration_path) if calibration_path is not None else None
+        say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
+        warn = lambda m: click.echo(f"dcz: warning: {m}", err=True)  # noqa: E731
+        if calibration is None:
+            from .onnx_ingest import load_model
+
+            calibration = allocate.calibration_inputs(load_model(model, load_external=False), None, warn=warn)
+        with _progress("compress", quiet or as_json) as progress:
+            result, alloc, verified = allocate.compress_to_target(model, output, policy, goal, calibration, check_inputs=check_inputs,
+                                                        overwrite=force, log=say, progress=progress)
+    else:
+        with _progress("compress", quiet or as_json) as progress:
+            result = api.compress(model, output, policy, overwrite=force, check=check, check_inputs=check_inputs,
+                                  progress=progress)
     seconds = time.perf_counter() - t0
     coded = sum(1 for t in result.tensors if t.layout != "raw")
     if as_json:
@@ -175,15 +205,40 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
             "tensors": [t.__dict__ | {"shape": list(t.shape)} for t in result.tensors],
             "fidelity": [f.__dict__ for f in result.fidelity] if result.fidelity is not None else None,
         }
+        if alloc is not None:
+            doc["fidelity"] = [f.__dict__ for f in verified.fidelity]
+            doc["target"] = {"goal": str(alloc.target), "met": verified.met, "verified_on": verified.on,
+                             "detail": verified.detail, "evaluations": alloc.evaluations,
+                             "allocation_seconds": alloc.seconds,
+                             "choices": [{"name": c.name, "rel_error": c.candidate.rel_error,
+                                          "per_channel": c.candidate.per_channel, "sensitivity": c.sensitivity}
+                                         for c in alloc.choices],
+                             "kept_at_policy": alloc.fixed}
         click.echo(json.dumps(doc, indent=2))
+        if alloc is not None and not verified.met:
+            sys.exit(EXIT_ERROR)
         return
     if not quiet:
         click.echo(f"{model} -> {result.output}: {result.original_bytes:,} -> {result.dcz_bytes:,} bytes "
                    f"({result.ratio:.2f}x) in {seconds:.1f} s; {coded} of {len(result.tensors)} weights coded")
+        if alloc is not None:
+            pc = sum(c.candidate.per_channel for c in alloc.choices)
+            errs = sorted(c.candidate.rel_error for c in alloc.choices)
+            span = f", rounding error {errs[0]:.1e}..{errs[-1]:.1e} of channel RMS" if errs else ""
+            click.echo(f"target {alloc.target}: {'met' if verified.met else 'NOT met'} on the {verified.on} "
+                       f"({verified.detail}); {len(alloc.choices)} tensors allocated ({pc} per-channel){span}; "
+                       f"{alloc.evaluations} model runs in {alloc.seconds:.1f} s")
+            click.echo(_fidelity_table(verified.fidelity))
         if result.fidelity is not None:
-            if check_inputs is None:
+            if check_inputs is None and alloc is None:
                 click.echo("fidelity on random inputs (a weak check: use --inputs with real data):")
             click.echo(_fidelity_table(result.fidelity))
+    if alloc is not None and not verified.met:
+        why = ("no setting met it on the calibration inputs, so the finest grids were used" if not alloc.met else
+               "it is met on the calibration inputs but not on the check inputs")
+        click.echo(f"dcz: error: target {alloc.target} not met: {why}; the file was written to {result.output} "
+                   f"for inspection", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 @main.command()
@@ -223,6 +278,59 @@ def inspect(dcz, as_json, show_all, paper):
         click.echo(format_paper_table(b, include_raw=show_all))
     else:
         click.echo(format_table(b, top=None if show_all else INSPECT_TOP))
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A .npz of real inputs keyed by graph input name (default: random inputs, with a warning).")
+@click.option("--errors", default="1e-3,3e-3,1e-2,3e-2,1e-1", show_default=True, metavar="E,E,...",
+              help="Weight rounding errors to try (fractions of each channel's RMS).")
+@click.option("--min-elements", type=click.IntRange(0), default=DEFAULT_MIN_ELEMENTS, show_default=True,
+              help="Smaller tensors are left out (dcz compress stores them raw).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the curves to this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable rows on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def sensitivity(model, calibration_path, errors, min_elements, plot, as_json, quiet):
+    """How much each weight tensor matters: the worst output error when only that tensor is rounded.
+
+    For every compressible tensor and each rounding error, the model runs in onnxruntime on the calibration
+    inputs with just that tensor rounded to a grid (per output channel); the table lists the worst relative L2
+    error over the outputs and the estimated coded size, most sensitive first. dcz compress --target uses the
+    same measurements to give sensitive tensors finer grids.
+    """
+    from . import allocate
+    from .fidelity import load_inputs
+
+    try:
+        errs = tuple(float(e) for e in errors.split(","))
+    except ValueError:
+        raise click.UsageError(f"--errors {errors!r}: expected numbers separated by commas") from None
+    if not all(0 < e < 1 for e in errs):
+        raise click.UsageError(f"--errors {errors!r}: each must be in (0, 1)")
+    calibration = load_inputs(calibration_path) if calibration_path is not None else None
+    if calibration is None:
+        from .onnx_ingest import load_model
+
+        calibration = allocate.calibration_inputs(load_model(model, load_external=False), None,
+                                                  warn=lambda m: click.echo(f"dcz: warning: {m}", err=True))
+    with _progress("sensitivity", quiet or as_json) as progress:
+        rows = allocate.sensitivity_table(model, Policy(min_elements=min_elements), calibration, errs, progress=progress)
+    rows.sort(key=lambda r: -max(r.rel_l2))
+    if plot is not None:
+        allocate.plot_sensitivity(rows, plot)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    head = f"{'tensor':<40} {'kind':<6} {'elements':>10} {'grid':<8}" + "".join(f" {'e=' + format(e, 'g'):>10}" for e in errs)
+    click.echo("worst output rel L2 with only this tensor rounded (estimated KB in brackets)")
+    click.echo(head)
+    for r in rows:
+        cells = "".join(f" {v:>10.2e}" for v in r.rel_l2)
+        click.echo(f"{r.name[-40:]:<40} {r.kind:<6} {r.numel:>10,} {'channel' if r.per_channel else 'tensor':<8}{cells}")
+        click.echo(f"{'':<66}" + "".join(f" {'(' + format(b / 1e3, '.1f') + ')':>10}" for b in r.est_bytes))
+    if plot is not None:
+        click.echo(f"plot: {plot}")
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
@@ -18,6 +19,9 @@ import numpy as np
 from . import huffman, prune, quantize, sparse
 from .constants import (
     FLOAT_DTYPES,
+    GRID_AXIS_NONE,
+    GRID_HEADER_SIZE,
+    GRID_MAX_LEVEL,
     LAYOUT_STREAMS,
     MAX_CODE_BITS,
     MAX_INDEX_BITS,
@@ -65,6 +69,8 @@ class CompressSettings:
         index_bits: relative-index field width for the sparse layout (paper: 8 conv, 5 fc).
         layout: ``auto`` picks the smaller of dense and sparse; or force one.
         seed: for ``random`` init.
+        per_channel: uniform grid: one scale per output channel (the first or last axis, whichever varies
+            more), each resolving its own channel at ``rel_error``; otherwise one scale per tensor.
     """
 
     bits: int = 8
@@ -78,6 +84,7 @@ class CompressSettings:
     index_bits: int = 8
     layout: str = "auto"
     seed: int = 0
+    per_channel: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= MAX_CODE_BITS:
@@ -241,60 +248,93 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
         return _raw(t.name, dtype, stored, t.kind, "holds NaN or Inf")
 
     mask = _mask(values, s, t.name)
+    if s.quantizer == "uniform":
+        return _encode_grid(t, dtype, stored, values, mask)
     kept = values[mask]
     include_zero = kept.size < values.size
-    k = 1 << s.bits
-    code_bits = s.bits
     if kept.size == 0:
         codebook = np.zeros(1, dtype=_rounding_dtype(dtype))
         codes_kept = np.zeros(0, dtype=np.uint16)
-    elif s.quantizer == "uniform":
-        # The step resolves the weakest channel at rel_error (a per-tensor target would let small-scale
-        # channels, e.g. low-frequency filters or BN-folded convs, lose most of their precision).
-        step = s.step or s.rel_error * math.sqrt(12) * quantize.channel_rms_floor(values.reshape(stored.shape))
-        codebook, codes_kept = quantize.uniform_codebook(kept, step, storage=_rounding_dtype(dtype))
-        if include_zero:
-            codebook, codes_kept = _with_zero(codebook, codes_kept)
-        code_bits = max(1, (len(codebook) - 1).bit_length())
     else:
         codebook, codes_kept = quantize.build_codebook(
-            kept, k, storage=_rounding_dtype(dtype), include_zero=include_zero, init=s.init, seed=s.seed
+            kept, 1 << s.bits, storage=_rounding_dtype(dtype), include_zero=include_zero, init=s.init, seed=s.seed
         )
     codebook = np.ascontiguousarray(codebook).view(NUMPY_DTYPES[dtype]) if dtype == DType.BFLOAT16 else (
         np.ascontiguousarray(codebook, dtype=NUMPY_DTYPES[dtype])
     )
-    cb_size = len(codebook)
     codes_full = np.zeros(values.size, dtype=np.uint16)
     if include_zero:
         zero = np.flatnonzero(_as_float(codebook, dtype) == 0)
         codes_full[:] = zero[0]
     codes_full[mask] = codes_kept
     del values, kept
+    cb_payload = codebook.tobytes()
+    reference = codebook[codes_full].reshape(stored.shape)
+    return _pack(t, dtype, stored, (Coding.PLAIN, cb_payload), len(codebook), s.bits, codes_full,
+                 mask if include_zero else None, reference)
 
-    dense = _Symbols.of(codes_full, cb_size) if s.layout != "sparse" or not include_zero else None
+
+def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.ndarray, mask: np.ndarray) -> EncodedTensor:
+    """The uniform quantizer: integer levels on a per-tensor or per-channel grid, stored as a GRID codebook."""
+    s = t.settings
+    x = values.reshape(stored.shape)
+    axis = quantize.channel_axis(x) if s.per_channel else None
+    steps = np.array([s.step]) if s.step else quantize.grid_steps(x, s.rel_error, axis)
+    if s.step:
+        axis = None
+    grid = quantize.grid_quantize(x, steps, axis, None if mask.all() else mask)
+    del x, values
+    q_min = int(grid.q.min()) if grid.q.size else 0
+    q_min = min(q_min, 0)
+    levels = int(grid.q.max()) - q_min + 1 if grid.q.size else 1
+    codes_full = (grid.q.reshape(-1) - q_min).astype(np.uint16)
+    stored_mask = grid.q.reshape(-1) != 0
+    reference = quantize.grid_values(grid.q, grid.scales, axis, _rounding_dtype(dtype))
+    if dtype == DType.BFLOAT16:
+        reference = reference.view(np.uint16)
+    header = struct.pack("<B3xi", GRID_AXIS_NONE if axis is None else axis, q_min)
+    cb_payload = header + grid.scales.astype("<f4").tobytes()
+    code_bits = max(1, (levels - 1).bit_length())
+    return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full,
+                 None if stored_mask.all() else stored_mask, reference)
+
+
+def _pack(
+    t: TensorInput,
+    dtype: DType,
+    stored: np.ndarray,
+    codebook: tuple[Coding, bytes],
+    cb_size: int,
+    code_bits: int,
+    codes_full: np.ndarray,
+    stored_mask: np.ndarray | None,
+    reference: np.ndarray,
+) -> EncodedTensor:
+    """Choose DENSE or SPARSE (``stored_mask``: the elements SPARSE stores; None: DENSE only), Huffman-code
+    the streams, and fall back to RAW when that is not smaller."""
+    s = t.settings
+    dense = _Symbols.of(codes_full, cb_size) if s.layout != "sparse" or stored_mask is None else None
     layout = Layout.DENSE
-    if include_zero and s.layout != "dense":
-        kept_codes = _Symbols.of(codes_kept, cb_size)
-        entries = _Symbols.of(sparse.encode_positions(np.flatnonzero(mask), s.index_bits), 1 << s.index_bits)
+    if stored_mask is not None and s.layout != "dense":
+        kept_codes = _Symbols.of(codes_full[stored_mask], cb_size)
+        entries = _Symbols.of(sparse.encode_positions(np.flatnonzero(stored_mask), s.index_bits), 1 << s.index_bits)
         if s.layout == "sparse" or kept_codes.size + entries.size < dense.size:
             layout = Layout.SPARSE
-
-    cb_payload = codebook.tobytes()
-    streams = [StreamEntry(StreamKind.CODEBOOK, Coding.PLAIN, len(cb_payload), crc32(cb_payload), 8 * len(cb_payload))]
+    cb_coding, cb_payload = codebook
+    streams = [StreamEntry(StreamKind.CODEBOOK, cb_coding, len(cb_payload), crc32(cb_payload), 8 * len(cb_payload))]
     payloads = [cb_payload]
     if layout == Layout.DENSE:
         coded = [(StreamKind.CODES, dense)]
         nnz, n_entries, index_bits = int(stored.size), 0, 0
     else:
         coded = [(StreamKind.CODES, kept_codes), (StreamKind.POSITIONS, entries)]
-        nnz, n_entries, index_bits = int(codes_kept.size), int(entries.symbols.size), s.index_bits
+        nnz, n_entries, index_bits = int(kept_codes.symbols.size), int(entries.symbols.size), s.index_bits
     for kind, sym in coded:
         entry, payload = _huffman_stream(kind, sym)
         streams.append(entry)
         payloads.append(payload)
     if sum(len(p) for p in payloads) >= stored.nbytes:
         return _raw(t.name, dtype, stored, t.kind, "coding would not make it smaller")
-    reference = codebook[codes_full].reshape(stored.shape)
     entry = TensorEntry(
         t.name, dtype, layout, int(t.kind), tuple(int(d) for d in stored.shape), tuple(streams),
         codebook_size=cb_size, code_bits=code_bits, index_bits=index_bits, nnz=nnz, position_entries=n_entries,
@@ -315,23 +355,73 @@ def decode_tensor(entry: TensorEntry, payloads: list[bytes]) -> np.ndarray:
                 raise CorruptError(f"tensor {entry.name!r}: BOOL element byte {top} is not 0 or 1")
         return np.frombuffer(payloads[0], dtype=np_dtype, count=entry.numel).reshape(entry.shape).copy()
     what = f"tensor {entry.name!r}"
-    codebook = np.frombuffer(payloads[0], dtype=np_dtype, count=entry.codebook_size)
-    cb_values = _as_float(codebook, entry.dtype)
-    # Compared pairwise, not by np.diff: a float16 difference can overflow (with a warning) though both are finite.
-    if not np.isfinite(cb_values).all() or np.any(cb_values[1:] <= cb_values[:-1]):
-        raise CorruptError(f"{what}: codebook values must be finite and strictly increasing")
     codes = huffman.decode_stream(payloads[1], entry.nnz, entry.codebook_size, f"{what} codes")
-    if entry.layout == Layout.DENSE:
-        return _check_zeros(entry, codebook[codes].reshape(entry.shape))
+    if entry.streams[0].coding == Coding.GRID:
+        if entry.layout == Layout.DENSE:
+            return _check_zeros(entry, _grid_decode(entry, payloads[0], codes.reshape(entry.shape), None))
+    else:
+        codebook = _plain_codebook(entry, payloads[0])
+        if entry.layout == Layout.DENSE:
+            return _check_zeros(entry, codebook[codes].reshape(entry.shape))
     entries = huffman.decode_stream(payloads[2], entry.position_entries, 1 << entry.index_bits, f"{what} positions")
     positions = sparse.decode_positions(entries, entry.index_bits, entry.numel, f"{what} positions")
     if positions.size != entry.nnz:
         raise CorruptError(f"{what}: position stream places {positions.size} elements, the record says {entry.nnz}")
-    out = np.zeros(entry.numel, dtype=np_dtype)
-    out[positions] = codebook[codes]
+    if entry.streams[0].coding == Coding.GRID:
+        out = _grid_decode(entry, payloads[0], codes, positions)
+    else:
+        out = np.zeros(entry.numel, dtype=np_dtype)
+        out[positions] = codebook[codes]
     return _check_zeros(entry, out.reshape(entry.shape))
 
 
+def _plain_codebook(entry: TensorEntry, payload: bytes) -> np.ndarray:
+    codebook = np.frombuffer(payload, dtype=NUMPY_DTYPES[entry.dtype], count=entry.codebook_size)
+    cb_values = _as_float(codebook, entry.dtype)
+    # Compared pairwise, not by np.diff: a float16 difference can overflow (with a warning) though both are finite.
+    if not np.isfinite(cb_values).all() or np.any(cb_values[1:] <= cb_values[:-1]):
+        raise CorruptError(f"tensor {entry.name!r}: codebook values must be finite and strictly increasing")
+    return codebook
+
+
+def _grid_decode(entry: TensorEntry, payload: bytes, codes: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    """Elements of a GRID tensor: DENSE (``positions`` None, codes shaped like the tensor) or SPARSE (flat
+    codes of the elements at ``positions``, zero elsewhere). Validates the grid header and scales."""
+    what = f"tensor {entry.name!r}"
+    axis_code, q_min = struct.unpack_from("<B3xi", payload)
+    if any(payload[1:4]):
+        raise CorruptError(f"{what}: GRID codebook reserved bytes are not zero")
+    axis = None if axis_code == GRID_AXIS_NONE else axis_code
+    if axis is not None and axis >= len(entry.shape):
+        raise CorruptError(f"{what}: GRID axis {axis} is not an axis of shape {list(entry.shape)}")
+    n = 1 if axis is None else entry.shape[axis]
+    if len(payload) != GRID_HEADER_SIZE + 4 * n:
+        raise CorruptError(f"{what}: GRID codebook is {len(payload)} bytes, axis {axis_code} needs {GRID_HEADER_SIZE + 4 * n}")
+    q_max = q_min + entry.codebook_size - 1
+    if max(-q_min, q_max) > GRID_MAX_LEVEL:
+        raise CorruptError(f"{what}: GRID levels {q_min}..{q_max} exceed +-{GRID_MAX_LEVEL}")
+    scales = np.frombuffer(payload, dtype="<f4", offset=GRID_HEADER_SIZE)
+    if not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise CorruptError(f"{what}: GRID scales must be finite and > 0")
+    storage = _rounding_dtype(entry.dtype)
+    top = float(max(-q_min, q_max)) * float(scales.max()) if scales.size else 0.0
+    if top > float(ml_dtypes.finfo(storage).max if entry.dtype == DType.BFLOAT16 else np.finfo(storage).max):
+        raise CorruptError(f"{what}: GRID level {max(-q_min, q_max)} x scale {float(scales.max())} overflows {entry.dtype.name}")
+    q = codes.astype(np.int32)
+    q += q_min
+    if positions is None:
+        out = quantize.grid_values(q, scales, axis, storage)
+    else:
+        if axis is not None:  # the scale of each stored element's slice
+            inner = int(np.prod(entry.shape[axis + 1:], dtype=np.int64))
+            vals = quantize.grid_values(q, scales[(positions // inner) % entry.shape[axis]], 0, storage)
+        else:
+            vals = quantize.grid_values(q, scales, None, storage)
+        out = np.zeros(entry.numel, dtype=storage)
+        out[positions] = vals
+    if entry.dtype == DType.BFLOAT16:
+        out = out.view(np.uint16)
+    return out.reshape(entry.shape) if positions is None else out
 def _check_zeros(entry: TensorEntry, out: np.ndarray) -> np.ndarray:
     zeros = out.size - np.count_nonzero(_as_float(out, entry.dtype))
     if zeros != entry.zeros:

@@ -21,7 +21,7 @@ MAGIC = b"\x89DCZ\r\n\x1a\n"
 VERSION_MAJOR = 1
 #: Minor versions only add codes and optional sections; a reader accepts a newer
 #: minor and refuses, by name, any unknown code it meets.
-VERSION_MINOR = 0
+VERSION_MINOR = 1
 
 HEADER_SIZE = 32
 SECTION_ENTRY_SIZE = 32
@@ -114,6 +114,7 @@ class Coding(enum.IntEnum):
 
     PLAIN = 0  # little-endian values of the stream's natural width
     HUFFMAN = 1  # canonical Huffman table + MSB-first bitstream
+    GRID = 2  # (1.1) a codebook given as integer levels times per-tensor or per-channel scales
 
 
 class TensorKind(enum.IntEnum):
@@ -136,10 +137,10 @@ LAYOUT_STREAMS: dict[Layout, tuple[StreamKind, ...]] = {
     Layout.DENSE: (StreamKind.CODEBOOK, StreamKind.CODES),
     Layout.SPARSE: (StreamKind.CODEBOOK, StreamKind.CODES, StreamKind.POSITIONS),
 }
-#: The codings each stream kind may use in version 1.0.
+#: The codings each stream kind may use (GRID since 1.1).
 STREAM_CODINGS: dict[StreamKind, frozenset[Coding]] = {
     StreamKind.RAW: frozenset({Coding.PLAIN}),
-    StreamKind.CODEBOOK: frozenset({Coding.PLAIN}),
+    StreamKind.CODEBOOK: frozenset({Coding.PLAIN, Coding.GRID}),
     StreamKind.CODES: frozenset({Coding.HUFFMAN}),
     StreamKind.POSITIONS: frozenset({Coding.HUFFMAN}),
 }
@@ -155,6 +156,12 @@ MAX_INDEX_BITS = 16
 #: Longest Huffman codeword. Bounds the decoder's work per symbol and the table size;
 #: 24 bits lose nothing measurable against unlimited Huffman on 2**16 symbols.
 MAX_CODE_LENGTH = 24
+#: Largest |level| of a GRID codebook: integers up to 2**24 are exact in binary32, where levels are multiplied.
+GRID_MAX_LEVEL = 1 << 24
+#: GRID codebook payload: u8 axis, 3 reserved bytes, i32 q_min, then one f32 scale per slice.
+GRID_HEADER_SIZE = 8
+#: GRID axis value meaning "one scale for the whole tensor".
+GRID_AXIS_NONE = 0xFF
 #: Tensor rank; ONNX runtimes support far fewer, and dims are 8 bytes each.
 MAX_NDIM = 32
 #: Tensor name length in UTF-8 bytes (u16 length field).

@@ -28,6 +28,7 @@ from .constants import (
     DEFAULT_MAX_TENSOR_ELEMENTS,
     DEFAULT_MAX_TENSORS,
     DEFAULT_MAX_TOTAL_BYTES,
+    GRID_HEADER_SIZE,
     HEADER_SIZE,
     LAYOUT_STREAMS,
     MAGIC,
@@ -423,7 +424,13 @@ def _check_plain_lengths(t: TensorEntry) -> None:
             raise CorruptError(
                 f"tensor {t.name!r}: raw stream is {s.length} bytes, shape {list(t.shape)} of {t.dtype.name} needs {t.numel * item}"
             )
-        if s.kind == StreamKind.CODEBOOK and s.length != t.codebook_size * item:
+        if s.kind == StreamKind.CODEBOOK and s.coding == Coding.GRID:
+            slices = {1, *t.shape}
+            if s.length < GRID_HEADER_SIZE or (s.length - GRID_HEADER_SIZE) % 4 or (s.length - GRID_HEADER_SIZE) // 4 not in slices:
+                raise CorruptError(
+                    f"tensor {t.name!r}: GRID codebook stream of {s.length} bytes holds no whole scale per slice of shape {list(t.shape)}"
+                )
+        elif s.kind == StreamKind.CODEBOOK and s.length != t.codebook_size * item:
             raise CorruptError(
                 f"tensor {t.name!r}: codebook stream is {s.length} bytes, {t.codebook_size} {t.dtype.name} entries need {t.codebook_size * item}"
             )

@@ -19,10 +19,12 @@ zeros are not distinguished: ``-0.0`` is treated, and returned, as ``0.0``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
 
+from .constants import GRID_MAX_LEVEL
 from .errors import InputError
 
 __all__ = ["INITS", "MAX_K", "kmeans_1d", "nearest", "round_to_storage", "build_codebook"]
@@ -550,3 +552,103 @@ def uniform_codebook(values: np.ndarray, step: float, *, storage: np.dtype) -> t
         return codebook, index[q].astype(np.uint16)
     # Storage rounding merged some levels (a step near the dtype's resolution): assign to the nearest kept one.
     return codebook, nearest(v, codebook).astype(np.uint16)
+
+
+# --- Grids with per-tensor or per-channel scales (GRID codebooks, format 1.1) ----------------------------
+
+
+class Grid(NamedTuple):
+    """Integer levels ``q`` (same shape as the tensor) and the float32 scale of each slice along ``axis``
+    (one scale when ``axis`` is None): element = q * scale of its slice (see :func:`grid_values`)."""
+
+    q: np.ndarray  # int32
+    scales: np.ndarray  # float32, 1-D
+    axis: int | None
+
+
+def slice_rms(x: np.ndarray, axis: int) -> np.ndarray:
+    """RMS of each slice of ``x`` along ``axis`` (float64)."""
+    other = tuple(a for a in range(x.ndim) if a != axis)
+    x64 = np.asarray(x, dtype=np.float64)
+    return np.sqrt(np.mean(x64 * x64, axis=other)) if other else np.abs(x64)
+
+
+def channel_axis(x: np.ndarray) -> int | None:
+    """The axis for per-channel scales: of the first and last axes, the one whose slices differ most in
+    RMS (Conv and Gemm keep output channels first, MatMul last); None for 1-D tensors or equal scales."""
+    if x.ndim < 2:
+        return None
+    total = float(np.sqrt(np.mean(np.asarray(x, dtype=np.float64) ** 2)))
+    if total == 0:
+        return None
+    best, best_spread = None, 1.0
+    for axis in (0, x.ndim - 1):
+        rms = slice_rms(x, axis)
+        rms = rms[rms >= CHANNEL_RMS_FLOOR * total]
+        spread = float(rms.max() / rms.min()) if rms.size > 1 else 1.0
+        if spread > best_spread:
+            best, best_spread = axis, spread
+    return best
+
+
+def grid_steps(x: np.ndarray, rel_error: float, axis: int | None) -> np.ndarray:
+    """Per-slice grid steps whose rounding error is ``rel_error`` of each slice's RMS (``axis`` None: one
+    step resolving the weakest channel, :func:`channel_rms_floor`). Dead slices (below SLICE_RMS_FLOOR of
+    the tensor's RMS) get the step of the floor."""
+    if not 0 < rel_error < 1:
+        raise InputError(f"relative error {rel_error} is outside (0, 1)")
+    if axis is None:
+        return np.array([rel_error * np.sqrt(12.0) * channel_rms_floor(x) or 1.0])
+    total = float(np.sqrt(np.mean(np.asarray(x, dtype=np.float64) ** 2)))
+    rms = np.maximum(slice_rms(x, axis), SLICE_RMS_FLOOR * total)
+    steps = rel_error * np.sqrt(12.0) * rms
+    steps[steps == 0] = 1.0
+    return steps
+
+
+#: With a scale per slice, a weak channel costs no more bits than a strong one, so only slices that are
+#: numerically dead (rounding noise of a float32 sum) are floored, to a step that still represents them.
+SLICE_RMS_FLOOR = 1e-6
+
+
+def _grid_shape(ndim: int, axis: int | None, n: int) -> tuple[int, ...]:
+    return (1,) * ndim if axis is None else tuple(n if a == axis else 1 for a in range(ndim))
+
+
+def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.ndarray | None = None) -> Grid:
+    """Round ``x`` to the grid ``q * step`` of its slice (``keep`` False: q = 0, i.e. pruned).
+
+    Steps become float32 scales. They are widened (all by one factor) when the levels would span more
+    than 2**16 codes or exceed GRID_MAX_LEVEL; zero is always a level and nothing is clipped.
+    """
+    x = np.asarray(x)
+    work = np.float64 if x.dtype == np.float64 else np.float32
+    scales = np.asarray(steps, dtype=np.float64).reshape(-1)
+    if scales.size != (1 if axis is None else x.shape[axis]):
+        raise InputError(f"{scales.size} grid steps for axis {axis} of shape {x.shape}")
+    if not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise InputError("grid steps must be positive and finite")
+    bshape = _grid_shape(x.ndim, axis, scales.size)
+    for _ in range(8):
+        s32 = scales.astype(np.float32)
+        s32[s32 == 0] = np.float32(np.finfo(np.float32).tiny)
+        q = np.rint(x.astype(work, copy=False) / s32.reshape(bshape).astype(work))
+        if keep is not None:
+            q[~keep.reshape(x.shape)] = 0
+        lo, hi = (float(q.min()), float(q.max())) if q.size else (0.0, 0.0)
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        widen = max((hi - lo + 1) / MAX_K, max(-lo, hi) / GRID_MAX_LEVEL)
+        if widen <= 1:
+            return Grid(q.astype(np.int32), s32, axis)
+        scales = scales * (widen * 1.01)
+    raise InputError("values cannot be placed on a grid of 2**16 levels")  # unreachable for finite values
+
+
+def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np.dtype) -> np.ndarray:
+    """Decoded elements: ``q * scale`` computed in binary32 (binary64 for float64 storage), then rounded
+    to ``storage`` (round to nearest even). Shared by the writer (reference values) and the reader."""
+    dt = _check_storage(storage)
+    work = np.float64 if dt == np.float64 else np.float32
+    s = np.asarray(scales, dtype=np.float32).astype(work).reshape(_grid_shape(q.ndim, axis, len(scales)))
+    out = q.astype(work) * s
+    return out if out.dtype == dt else out.astype(dt)

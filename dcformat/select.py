@@ -31,7 +31,7 @@ DEFAULT_INDEX_BITS = 8
 #: Chosen so that every public model keeps its answers (tools/fidelity_table.py); see the README.
 DEFAULT_REL_ERROR = 3e-3
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
-RULE_KEYS = ("quantizer", "rel_error", "step", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
+RULE_KEYS = ("quantizer", "rel_error", "step", "per_channel", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Policy:
         raw: name patterns stored raw.
         min_elements: tensors with fewer elements are stored raw.
         compress_norm: also compress normalisation parameters (kind ``norm``).
+        per_channel: uniform grids get one scale per output channel (GRID codebooks, format 1.1).
     """
 
     quantizer: str = "uniform"
@@ -71,6 +72,7 @@ class Policy:
     min_elements: int = DEFAULT_MIN_ELEMENTS
     compress_norm: bool = False
     seed: int = 0
+    per_channel: bool = False
 
     @classmethod
     def paper(cls, **overrides: Any) -> "Policy":
@@ -111,6 +113,7 @@ class Policy:
                                   "init": self.init, "seed": self.seed, "quantizer": self.quantizer}
         if self.quantizer == "uniform":
             values["rel_error"] = pick(self.rel_error, DEFAULT_REL_ERROR)
+            values["per_channel"] = self.per_channel
         if pick(self.sparsity) is not None:
             values["sparsity"] = pick(self.sparsity)
         elif pick(self.quality) is not None:

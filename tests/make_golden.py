@@ -40,10 +40,16 @@ def source_tensors() -> dict[str, np.ndarray]:
     return {"conv.w": dense, "fc.w": fc, "shape": np.array([1, 4, 8], dtype=np.int64)}
 
 
+#: A 3x16 weight whose rows lie on grids of steps 0.5, 0.125 and 2 (added with format 1.1's GRID codebooks).
+GRID_W = np.tile(np.array([[0.5, -1.0, 0.0, 0.5], [0.125, 0.25, -0.125, 0.0], [2.0, 4.0, -2.0, 2.0]], dtype=np.float32), 4)
+
+
 def inputs(src: dict[str, np.ndarray]) -> list[TensorInput]:
+    grid = CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True)
     return [
         TensorInput("conv.w", src["conv.w"], CompressSettings(bits=2), kind=TensorKind.CONV),
         TensorInput("fc.w", src["fc.w"], CompressSettings(bits=2, index_bits=3, layout="sparse"), kind=TensorKind.FC),
+        TensorInput("grid.w", GRID_W, grid, kind=TensorKind.FC),
         TensorInput("shape", src["shape"], None),
     ]
 

@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--inputs", choices=["natural", "random"], default="natural")
     ap.add_argument("--error", type=float, help="default quantizer's relative error (default: the Policy default)")
+    ap.add_argument("--per-channel", action="store_true", help="one grid scale per output channel")
     args = ap.parse_args()
     print(f"# command: python tools/fidelity_table.py {' '.join(sys.argv[1:])}")
     print("| model | original | .dcz | ratio | coded / weights | worst rel L2 | min top-1 | pass | seconds |")
@@ -83,7 +84,8 @@ def main() -> int:
         for name in args.names:
             path = fetch_models.fetch(name, args.cache)
             t0 = time.perf_counter()
-            policy = dcformat.Policy(rel_error={"*": args.error}) if args.error else None
+            policy = dcformat.Policy(per_channel=args.per_channel,
+                                     **({"rel_error": {"*": args.error}} if args.error else {}))
             r = dcformat.compress(path, Path(tmp) / f"{name}.dcz", policy, check=True,
                                   check_inputs=inputs_for(name, path, args.inputs))
             secs = time.perf_counter() - t0

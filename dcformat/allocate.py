@@ -1,0 +1,547 @@
+"""Automatic per-tensor settings: the smallest file whose rebuilt model meets a fidelity target.
+
+Stage 0 of compression (before the codec), used by ``dcz compress --target`` and ``dcz sensitivity``:
+
+1. **Probe.** The model runs on onnxruntime with its float weights turned into graph inputs, so candidate
+   weights are fed to one session instead of rebuilding and reloading the model for every trial.
+2. **Candidates.** For each tensor, uniform grids (per tensor and per output channel) at a ladder of relative
+   errors. Each candidate's squared weight error is exact and its size is estimated from the entropy of its
+   levels (dense, or sparse when most levels are zero); both are cheap (one vectorized rounding per candidate).
+3. **Sensitivity.** Each tensor alone is rounded at a probe error and the calibration outputs are compared with
+   the original's: the output distortion per unit of weight error, ``s_i``. Output distortion is modelled as
+   ``sum_i s_i * E_i`` (squared relative L2 summed over outputs), which is the usual additive-noise model.
+4. **Allocation.** For a multiplier ``lam`` every tensor picks the candidate minimising ``bits + lam * s_i * E_i``
+   (reverse water-filling: each tensor spends bits until a bit buys the same distortion everywhere). ``lam`` is
+   searched by bisection with *measured* fidelity of the whole model (all tensors rounded at once), so the
+   additive model only guides the search and never decides the answer.
+
+Only numpy and onnxruntime are used; nothing here depends on a training framework.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from . import fidelity, quantize
+from .errors import InputError
+from .onnx_ingest import Weight
+from .onnx_rebuild import rebuild
+from .select import LayerRule, Policy
+
+__all__ = ["Target", "Verification", "compress_to_target", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
+           "SYNTHETIC_WARNING"]
+
+#: Relative errors tried per tensor: 3e-4 (near lossless) to 0.5 (most weights zero), 17 steps of ~1.7x.
+CANDIDATE_ERRORS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(3e-4, 0.5, 17))
+#: Error at which each tensor's sensitivity is measured: large enough to stand above float32 noise in the
+#: outputs, small enough that the output still responds linearly.
+PROBE_ERROR = 1e-2
+#: Bisection steps on the multiplier (each is one full-model run on the calibration inputs).
+SEARCH_STEPS = 12
+#: Refinement: at most this many of the largest tensors, until they hold this share of the estimated bits.
+REFINE_TENSORS = 8
+REFINE_SHARE = 0.9
+#: Huffman table cost per level used (2-byte symbol plus its share of the counts) and GRID header, in bits.
+TABLE_BITS_PER_LEVEL = 20
+GRID_HEADER_BITS = 64
+#: Said whenever calibration falls back to random inputs.
+SYNTHETIC_WARNING = (
+    "no calibration inputs given: using random inputs from the declared shapes. Random inputs hide damage "
+    "(an OCR model that outputs blanks on noise agrees 100% on noise while misreading real text); pass "
+    "--calibration inputs.npz with real samples keyed by input name."
+)
+_METRICS = ("rel_l2", "cosine", "top1")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A fidelity target on every output: ``rel_l2 <= v``, ``cosine >= v`` or ``top1 >= v`` (top-1
+    agreement; outputs without class scores are held to rel_l2 <= 1e-2 instead); or ``task=CHECK``: the same
+    task-level answers (dcformat.tasks: a model id such as ``ddddocr-common`` or a kind such as ``ctc``) on
+    every calibration item."""
+
+    metric: str
+    value: float
+    task: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        metric, eq, value = text.partition("=")
+        metric = metric.strip().replace("-", "_")
+        if metric == "task" and eq:
+            from . import tasks
+
+            check = value.strip()
+            if check not in tasks.MODEL_TASKS and check not in tasks.KINDS:
+                raise InputError(f"target {text!r}: no task check {check!r}; models: {', '.join(tasks.MODEL_TASKS)}; "
+                                 f"kinds: {', '.join(tasks.KINDS)}")
+            return cls("task", 1.0, check)
+        if not eq or metric not in _METRICS:
+            raise InputError(f"target {text!r}: expected one of {', '.join(m + '=VALUE' for m in _METRICS)}, or task=CHECK")
+        try:
+            v = float(value)
+        except ValueError:
+            raise InputError(f"target {text!r}: {value!r} is not a number") from None
+        if metric == "rel_l2" and not 0 < v < 1 or metric != "rel_l2" and not 0 < v <= 1:
+            raise InputError(f"target {text!r}: {metric} must be in {'(0, 1)' if metric == 'rel_l2' else '(0, 1]'}")
+        return cls(metric, v)
+
+    def met(self, fids: Sequence[fidelity.OutputFidelity], reference: Mapping[str, np.ndarray] | None = None,
+            outputs: Mapping[str, np.ndarray] | None = None) -> bool:
+        """Whether the outputs meet the target (task targets need the reference and candidate outputs)."""
+        if self.metric == "task":
+            if reference is None or outputs is None:
+                raise InputError(f"target {self}: a task check needs the model outputs")
+            from . import tasks
+
+            return tasks.task_check(self.task, reference, outputs).agree >= self.value
+        for f in fids:
+            if self.metric == "rel_l2" and not f.rel_l2 <= self.value:
+                return False
+            if self.metric == "cosine" and not f.cosine >= self.value:
+                return False
+            if self.metric == "top1":
+                if f.top1_agreement is None:
+                    if not f.rel_l2 <= 1e-2:
+                        return False
+                elif f.top1_agreement < self.value:
+                    return False
+        return True
+
+    def __str__(self) -> str:
+        return f"task={self.task}" if self.metric == "task" else f"{self.metric}={self.value:g}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a tensor, with its exact squared weight error and its estimated size."""
+
+    per_channel: bool
+    rel_error: float
+    sq_error: float
+    bits: float
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    name: str
+    numel: int
+    sensitivity: float  # output distortion per unit of squared weight error
+    candidate: Candidate
+
+
+@dataclass
+class Allocation:
+    """What ``allocate`` chose and what it measured."""
+
+    target: Target
+    choices: list[TensorChoice]
+    fixed: list[str]  # compressible tensors the probe could not feed: left at the policy's settings
+    fidelity: list[fidelity.OutputFidelity]
+    met: bool
+    estimated_bytes: int
+    evaluations: int
+    seconds: float
+    log: list[str] = field(default_factory=list)
+
+    def policy(self, base: Policy) -> Policy:
+        """``base`` with one rule per chosen tensor (exact-name patterns)."""
+        rules = tuple(LayerRule(glob.escape(c.name), {"quantizer": "uniform", "rel_error": c.candidate.rel_error,
+                                                      "per_channel": c.candidate.per_channel})
+                      for c in self.choices)
+        return Policy(**{**_policy_fields(base), "layers": base.layers + rules})
+
+
+def _policy_fields(p: Policy) -> dict:
+    return {f: getattr(p, f) for f in p.__dataclass_fields__}
+
+
+# --- the probe ------------------------------------------------------------------------------------------------
+
+_LIFTABLE = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+
+
+def _lift(model: onnx.ModelProto, names: set[str]) -> set[str]:
+    """Turn the initializers and Constant nodes named in ``names`` (at any graph depth) into main-graph inputs.
+    Subgraphs see them as outer-scope values. Returns the names lifted."""
+    lifted: set[str] = set()
+    main = model.graph
+    inputs = {i.name for i in main.input}
+
+    def add(name: str, dtype: int, dims) -> None:
+        lifted.add(name)
+        if name not in inputs:
+            main.input.append(helper.make_tensor_value_info(name, dtype, list(dims)))
+            inputs.add(name)
+
+    def visit(graph: onnx.GraphProto) -> None:
+        keep = [t for t in graph.initializer if not (t.name in names and t.data_type in _LIFTABLE)]
+        for t in graph.initializer:
+            if t.name in names and t.data_type in _LIFTABLE:
+                add(t.name, t.data_type, t.dims)
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        nodes = []
+        for n in graph.node:
+            value = [a for a in n.attribute if a.name == "value" and a.HasField("t")]
+            if (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1 and len(n.attribute) == 1
+                    and value and n.output[0] in names and value[0].t.data_type in _LIFTABLE):
+                add(n.output[0], value[0].t.data_type, value[0].t.dims)
+                continue
+            for a in n.attribute:
+                if a.HasField("g"):
+                    visit(a.g)
+                for g in a.graphs:
+                    visit(g)
+            nodes.append(n)
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    visit(main)
+    return lifted
+
+
+class Probe:
+    """Runs the model on fixed inputs with some weights replaced; counts its runs."""
+
+    def __init__(self, graph: bytes, weights: Sequence[Weight], inputs: Mapping[str, np.ndarray]):
+        self.weights = {w.name: w for w in weights}
+        self.inputs = dict(inputs)
+        self.runs = 0
+        self._graph = graph
+        model = rebuild(graph, {w.name: w.array for w in weights})
+        wanted = {w.name for w in weights if "#" not in w.name and w.onnx_dtype in _LIFTABLE}
+        lifted = _lift(model, wanted)
+        self._tmp: list[str] = []
+        try:
+            self._sess = fidelity._session(model, self._tmp)
+            self.lifted = lifted
+            self.reference = self._run({})
+        except InputError:  # an op insists on a constant input: fall back to one session per evaluation
+            self._sess = None
+            self.lifted = set()
+            self.reference = self._run({})
+
+    def _run(self, replaced: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.runs += 1
+        if self._sess is None:
+            model = rebuild(self._graph, {n: replaced.get(n, w.array) for n, w in self.weights.items()})
+            return fidelity.run(model, self.inputs)
+        feeds = dict(self.inputs)
+        for n in self.lifted:
+            feeds[n] = np.asarray(replaced.get(n, self.weights[n].array))
+        names = [o.name for o in self._sess.get_outputs()]
+        try:
+            values = self._sess.run(names, feeds)
+        except Exception as e:  # onnxruntime's own exception types
+            raise InputError(f"onnxruntime failed on the calibration inputs: {e}") from e
+        return {n: fidelity._as_array(v, n) for n, v in zip(names, values)}
+
+    def compare(self, replaced: Mapping[str, np.ndarray]) -> list[fidelity.OutputFidelity]:
+        return fidelity.compare(self.reference, self._run(replaced))
+
+    def meets(self, replaced: Mapping[str, np.ndarray], target: Target) -> tuple[bool, list[fidelity.OutputFidelity]]:
+        outputs = self._run(replaced)
+        fids = fidelity.compare(self.reference, outputs)
+        return target.met(fids, self.reference, outputs), fids
+
+
+def _distortion(fids: Sequence[fidelity.OutputFidelity]) -> float:
+    return float(sum(f.rel_l2 ** 2 for f in fids if math.isfinite(f.rel_l2)))
+
+
+# --- candidates ------------------------------------------------------------------------------------------------
+
+
+def _rate_bits(q: np.ndarray) -> float:
+    """Estimated coded size of integer levels: entropy of the levels, dense (>= 1 bit each once two levels are
+    used) or sparse (the nonzero levels plus ideal gap coding), plus the Huffman table."""
+    flat = q.ravel()
+    n = flat.size
+    lo = int(flat.min())
+    counts = np.bincount(flat - lo)
+    counts = counts[counts > 0]
+    used = counts.size
+    p = counts / n
+    h = float(-(p * np.log2(p)).sum())
+    dense = n * (max(h, 1.0) if used > 1 else 0.0)
+    nz = int(np.count_nonzero(flat))
+    sparse = math.inf
+    if 0 < nz < n:
+        nz_counts = np.bincount(flat[flat != 0] - lo)
+        nz_counts = nz_counts[nz_counts > 0]
+        pn = nz_counts / nz
+        hn = float(-(pn * np.log2(pn)).sum())
+        d = nz / n
+        gaps = n * float(-(d * math.log2(d) + (1 - d) * math.log2(1 - d)))
+        sparse = nz * max(hn, 1.0 if nz_counts.size > 1 else 0.0) + max(gaps, nz)
+    return min(dense, sparse) + TABLE_BITS_PER_LEVEL * used
+
+
+def _grid(x: np.ndarray, per_channel: bool, rel_error: float) -> tuple[quantize.Grid, np.ndarray]:
+    axis = quantize.channel_axis(x) if per_channel else None
+    g = quantize.grid_quantize(x, quantize.grid_steps(x, rel_error, axis), axis)
+    return g, quantize.grid_values(g.q, g.scales, axis, np.dtype(x.dtype))
+
+
+def candidates(x: np.ndarray) -> list[Candidate]:
+    """Every candidate setting of one float tensor, with exact error and estimated bits."""
+    out = []
+    modes = (False, True) if x.ndim >= 2 and quantize.channel_axis(x) is not None else (False,)
+    x64 = x.astype(np.float64)
+    for per_channel in modes:
+        for r in CANDIDATE_ERRORS:
+            g, values = _grid(x, per_channel, r)
+            err = float(np.sum((values.astype(np.float64) - x64) ** 2))
+            bits = _rate_bits(g.q) + GRID_HEADER_BITS + 32 * g.scales.size
+            out.append(Candidate(per_channel, r, err, bits))
+    return out
+
+
+def _values(x: np.ndarray, c: Candidate) -> np.ndarray:
+    return _grid(x, c.per_channel, c.rel_error)[1]
+
+
+# --- sensitivity and allocation -----------------------------------------------------------------------------
+
+
+Log = Callable[[str], None]
+
+
+def _compressible(weights: Sequence[Weight], policy: Policy) -> list[Weight]:
+    out = []
+    for w in weights:
+        s = policy.settings_for(w.name, w.kind, w.array.size)
+        if s is not None and w.array.dtype.kind == "f" and w.array.size and np.isfinite(w.array).all():
+            out.append(w)
+    return out
+
+
+def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE_ERROR,
+                progress: Callable[[int, int, str], None] | None = None) -> dict[str, tuple[float, float]]:
+    """For each weight the probe can feed: (output distortion, squared weight error) when only that weight is
+    rounded to a per-channel grid at ``error``. Distortion is the sum over outputs of squared relative L2."""
+    out = {}
+    todo = [w for w in weights if w.name in probe.lifted]
+    for i, w in enumerate(todo, 1):
+        x = np.asarray(w.array)
+        per_channel = x.ndim >= 2 and quantize.channel_axis(x) is not None
+        values = _grid(x, per_channel, error)[1]
+        sq = float(np.sum((values.astype(np.float64) - x.astype(np.float64)) ** 2))
+        out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
+        if progress is not None:
+            progress(i, len(todo), w.name)
+    return out
+
+
+def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Mapping[str, np.ndarray],
+             target: Target, *, log: Log | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> Allocation:
+    """Choose per-tensor grid settings for the smallest file meeting ``target`` on ``inputs``."""
+    t0 = time.perf_counter()
+    say = log or (lambda _m: None)
+    probe = Probe(graph, weights, inputs)
+    comp = _compressible(weights, policy)
+    fixed = [w.name for w in comp if w.name not in probe.lifted]
+    tensors = [w for w in comp if w.name in probe.lifted]
+    say(f"probe: {len(tensors)} tensors fed as inputs, {len(fixed)} kept at the policy's settings")
+    cands = {w.name: candidates(np.asarray(w.array)) for w in tensors}
+    say(f"candidates: {sum(len(c) for c in cands.values())} in {time.perf_counter() - t0:.1f} s")
+    sens = sensitivity(probe, tensors, progress=progress)
+    s = {n: (d / sq if sq > 0 else 0.0) for n, (d, sq) in sens.items()}
+    say(f"sensitivity: {len(sens)} runs, {time.perf_counter() - t0:.1f} s")
+
+    def choose(lam: float) -> dict[str, Candidate]:
+        return {n: min(cs, key=lambda c: c.bits + lam * s[n] * c.sq_error) for n, cs in cands.items()}
+
+    arrays = {w.name: w.array for w in tensors}
+
+    def measure(choice: Mapping[str, Candidate]) -> tuple[bool, list[fidelity.OutputFidelity]]:
+        return probe.meets({n: _values(np.asarray(arrays[n]), c) for n, c in choice.items()}, target)
+
+    # Bisection on log(lam): larger lam = more bits, less distortion. Bracket from 1 to 1e16 bits per unit.
+    lo, hi = 0.0, 16.0
+    best: tuple[dict[str, Candidate], list] | None = None
+    finest = {n: min(cs, key=lambda c: c.sq_error) for n, cs in cands.items()}
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        choice = choose(10.0 ** mid)
+        ok, fids = measure(choice)
+        size = sum(c.bits for c in choice.values()) / 8
+        say(f"  lam=1e{mid:.2f}: {size / 1e6:.3f} MB estimated, worst rel L2 "
+            f"{max((f.rel_l2 for f in fids), default=0):.2e}, {'meets' if ok else 'misses'} {target}")
+        if ok:
+            hi, best = mid, (choice, fids)
+        else:
+            lo = mid
+    met = best is not None
+    if best is None:
+        best = (finest, measure(finest)[1])
+        say(f"  no multiplier met {target}; using the finest candidates")
+    choice, fids = best
+    if best[0] is not finest:
+        choice, fids = _refine(dict(choice), fids, cands, measure, target, say)
+    chosen = [TensorChoice(w.name, int(w.array.size), s[w.name], choice[w.name]) for w in tensors]
+    return Allocation(target, chosen, fixed, fids, met, int(sum(c.bits for c in choice.values()) / 8),
+                      probe.runs, time.perf_counter() - t0)
+
+
+def _refine(choice: dict[str, Candidate], fids, cands: Mapping[str, list[Candidate]], measure, target: Target,
+            say: Log) -> tuple[dict[str, Candidate], list]:
+    """Greedy refinement on the measured target: the largest tensors, one at a time, take the coarsest candidate
+    of their grid kind that keeps the whole model within the target (binary search over the ladder). The
+    additive model ranks tensors by output distortion; a target like top-1 agreement tolerates much more on
+    some layers (a classifier's output layer) than their share of the distortion says."""
+    ranked = sorted(choice, key=lambda n: -choice[n].bits)
+    total = sum(c.bits for c in choice.values())
+    covered = 0.0
+    for n in ranked[:REFINE_TENSORS]:
+        if covered >= REFINE_SHARE * total:
+            break
+        covered += choice[n].bits
+        ladder = sorted((c for c in cands[n] if c.per_channel == choice[n].per_channel and c.rel_error > choice[n].rel_error),
+                        key=lambda c: c.rel_error)
+        lo, hi = -1, len(ladder)  # ladder[lo] is known good (-1: the current choice), ladder[hi] known bad
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            ok, f = measure({**choice, n: ladder[mid]})
+            if ok:
+                lo, fids = mid, f
+            else:
+                hi = mid
+        if lo >= 0:
+            say(f"  refine {n}: rel error {choice[n].rel_error:.1e} -> {ladder[lo].rel_error:.1e}, "
+                f"{choice[n].bits / 8e6:.3f} -> {ladder[lo].bits / 8e6:.3f} MB")
+            choice[n] = ladder[lo]
+    return choice, fids
+
+
+def calibration_inputs(model: onnx.ModelProto | str, path: str | None, *, seed: int = 0,
+                       warn: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """Calibration inputs from an .npz keyed by input name, or random ones (with :data:`SYNTHETIC_WARNING`)."""
+    if path is not None:
+        return fidelity.load_inputs(path)
+    (warn or (lambda m: warnings.warn(m, stacklevel=2)))(SYNTHETIC_WARNING)
+    return fidelity.random_inputs(model, seed=seed)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The final full run: the written file decoded, rebuilt and run beside the original."""
+
+    met: bool
+    fidelity: list[fidelity.OutputFidelity]
+    detail: str  # the task check's one-line detail, or the worst metric
+    on: str  # "calibration" or "check inputs"
+
+
+def compress_to_target(model_path, output, policy: Policy, target: Target,
+                       calibration: Mapping[str, np.ndarray] | None, *, check_inputs: Mapping[str, np.ndarray] | None = None,
+                       overwrite: bool = False, log: Log | None = None,
+                       progress: Callable[[int, int, str], None] | None = None):
+    """Allocate settings on ``calibration`` (random inputs, with a warning, when None), compress with them, then
+    verify: decode the written file, rebuild the model and run it beside the original on ``check_inputs``
+    (default: the calibration inputs).
+
+    Returns (CompressResult, Allocation, Verification).
+    """
+    from . import api
+    from .onnx_ingest import extract_weights, load_model
+
+    model = load_model(model_path)
+    if calibration is None:
+        calibration = calibration_inputs(model, None, warn=log)
+    graph, weights = extract_weights(model)
+    del model
+    alloc = allocate(graph, weights, policy, calibration, target, log=log, progress=None)
+    del graph, weights
+    result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, progress=progress,
+                          metadata={"dcz.target": str(target), "dcz.target_met_on_calibration": str(alloc.met).lower()})
+    inputs = check_inputs if check_inputs is not None else calibration
+    reference = fidelity.run(load_model(model_path), inputs)
+    outputs = fidelity.run(api.load(result.output), inputs)
+    fids = fidelity.compare(reference, outputs)
+    met = target.met(fids, reference, outputs)
+    if target.metric == "task":
+        from . import tasks
+
+        detail = tasks.task_check(target.task, reference, outputs).detail
+    else:
+        detail = f"worst rel L2 {max((f.rel_l2 for f in fids), default=0.0):.2e}"
+    return result, alloc, Verification(met, fids, detail, "check inputs" if check_inputs is not None else "calibration")
+
+
+@dataclass(frozen=True)
+class SensitivityRow:
+    """One tensor's response: output worst rel L2 when only it is rounded at each error, and estimated bytes."""
+
+    name: str
+    kind: str
+    numel: int
+    per_channel: bool
+    errors: tuple[float, ...]
+    rel_l2: tuple[float, ...]
+    est_bytes: tuple[int, ...]
+
+
+def sensitivity_table(model_path, policy: Policy, calibration: Mapping[str, np.ndarray] | None,
+                      errors: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), *, log: Log | None = None,
+                      progress: Callable[[int, int, str], None] | None = None) -> list[SensitivityRow]:
+    """For each compressible tensor the probe can feed: worst output rel L2 with only that tensor rounded to a
+    grid at each error (per channel where the tensor has channels), and the estimated coded size."""
+    from .onnx_ingest import extract_weights, load_model
+
+    model = load_model(model_path)
+    if calibration is None:
+        calibration = calibration_inputs(model, None, warn=log)
+    graph, weights = extract_weights(model)
+    del model
+    probe = Probe(graph, weights, calibration)
+    todo = [w for w in _compressible(weights, policy) if w.name in probe.lifted]
+    rows = []
+    for i, w in enumerate(todo, 1):
+        x = np.asarray(w.array)
+        pc = x.ndim >= 2 and quantize.channel_axis(x) is not None
+        rel, size = [], []
+        for e in errors:
+            g, values = _grid(x, pc, e)
+            fids = probe.compare({w.name: values})
+            rel.append(max((f.rel_l2 for f in fids), default=0.0))
+            size.append(int((_rate_bits(g.q) + GRID_HEADER_BITS + 32 * g.scales.size) / 8))
+        rows.append(SensitivityRow(w.name, w.kind, int(x.size), pc, tuple(errors), tuple(rel), tuple(size)))
+        if progress is not None:
+            progress(i, len(todo), w.name)
+    return rows
+
+
+def plot_sensitivity(rows: Sequence[SensitivityRow], path) -> None:
+    """Output error against weight error, one line per tensor (the most sensitive labelled). Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install 'dcz[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ranked = sorted(rows, key=lambda r: -max(r.rel_l2))
+    for i, r in enumerate(ranked):
+        ax.loglog(r.errors, np.maximum(r.rel_l2, 1e-9), marker="o", ms=3, lw=1, alpha=0.8,
+                  label=f"{r.name[-28:]} ({r.numel:,})" if i < 8 else None)
+    ax.set_xlabel("weight rounding error (fraction of channel RMS)")
+    ax.set_ylabel("worst output relative L2 (only this tensor rounded)")
+    ax.set_title("dcz sensitivity: output error per tensor")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""Automatic allocation (--target), the probe that feeds weights as inputs, and dcz sensitivity."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+import dcformat
+from dcformat import allocate, fidelity
+from dcformat.cli import main
+from dcformat.demo import bundled
+from dcformat.errors import InputError
+from dcformat.onnx_ingest import extract_weights, load_model
+
+from models import model_path
+
+
+def _mnist():
+    with np.load(bundled("mnist_test.npz")) as z:
+        x, y = z["x"], z["y"]
+    return {"input": x[:200]}, {"input": x[250:]}, y[250:]
+
+
+def test_target_parse():
+    assert allocate.Target.parse("rel_l2=1e-2") == allocate.Target("rel_l2", 0.01)
+    assert allocate.Target.parse("top1=1") == allocate.Target("top1", 1.0)
+    for bad, match in (("psnr=30", "expected one of"), ("rel_l2=abc", "not a number"), ("rel_l2=2", "must be in"),
+                       ("cosine=0", "must be in"), ("rel_l2", "expected one of")):
+        with pytest.raises(InputError, match=match):
+            allocate.Target.parse(bad)
+
+
+def test_target_met_per_metric():
+    f = [fidelity.OutputFidelity("y", 0.02, 0.1, 0.9995, 0.99, 10)]
+    assert not allocate.Target("rel_l2", 0.01).met(f) and allocate.Target("rel_l2", 0.03).met(f)
+    assert allocate.Target("cosine", 0.999).met(f) and not allocate.Target("cosine", 0.9999).met(f)
+    assert allocate.Target("top1", 0.99).met(f) and not allocate.Target("top1", 1.0).met(f)
+
+
+def test_probe_feeds_weights_and_matches_a_rebuild():
+    calib, _, _ = _mnist()
+    model = load_model(bundled("lenet300.onnx"))
+    graph, weights = extract_weights(model)
+    probe = allocate.Probe(graph, weights, calib)
+    assert probe.lifted == {w.name for w in weights}
+    w = next(w for w in weights if w.name == "ip1.weight")
+    changed = np.asarray(w.array) * 1.01
+    got = probe.compare({w.name: changed})
+    rebuilt = dcformat.onnx_rebuild.rebuild(graph, {x.name: (changed if x.name == w.name else x.array) for x in weights})
+    want = fidelity.compare(probe.reference, fidelity.run(rebuilt, calib))
+    assert got[0].rel_l2 == pytest.approx(want[0].rel_l2, rel=1e-4) and got[0].rel_l2 > 1e-3
+
+
+def test_probe_lifts_constants_inside_subgraphs():
+    # A weight held by a Constant node inside an If branch becomes a main-graph input the branch sees.
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    branch = helper.make_graph([helper.make_node("Constant", [], ["w_c"], value=w),
+                                helper.make_node("Mul", ["x", "w_c"], ["y_b"])], "b", [],
+                               [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, [4])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch.__deepcopy__())],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    g.node[0].attribute[1].g.node[0].output[0] = "w_e"
+    g.node[0].attribute[1].g.node[1].input[1] = "w_e"
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    graph, weights = extract_weights(model)
+    inputs = {"x": np.ones(4, np.float32), "c": np.array(True)}
+    probe = allocate.Probe(graph, weights, inputs)
+    assert probe.lifted == {"w_c", "w_e"}
+    # attributes are sorted by name: attribute[1] is then_branch, whose constant is now w_e
+    np.testing.assert_array_equal(probe._run({"w_e": np.full(4, 2.0, np.float32)})["y"], np.full(4, 2.0))
+
+
+def test_allocation_meets_target_and_beats_a_uniform_setting(tmp_path):
+    calib, test, labels = _mnist()
+    src = bundled("lenet300.onnx")
+    goal = allocate.Target("rel_l2", 1e-2)
+    result, alloc, final = allocate.compress_to_target(src, tmp_path / "t.dcz", dcformat.Policy(), goal, calib)
+    assert alloc.met and final.met and goal.met(final.fidelity)  # the final full run, from the written file
+    assert alloc.choices and not alloc.fixed
+    # Held-out digits: same answers.
+    rebuilt = dcformat.load(tmp_path / "t.dcz")
+    ref = fidelity.run(onnx.load(src), test)
+    new = fidelity.run(rebuilt, test)
+    name = next(iter(ref))
+    assert np.mean(ref[name].argmax(1) == new[name].argmax(1)) >= 0.99
+    # Smaller than the default grid, which keeps every tensor at 3e-3.
+    default = dcformat.compress(src, tmp_path / "d.dcz")
+    assert result.dcz_bytes < 0.8 * default.dcz_bytes
+
+
+def test_cli_target_and_sensitivity(tmp_path):
+    calib, test, _ = _mnist()
+    np.savez(tmp_path / "calib.npz", **calib)
+    np.savez(tmp_path / "test.npz", **test)
+    src = str(bundled("lenet300.onnx"))
+    r = CliRunner().invoke(main, ["compress", src, "-o", str(tmp_path / "m.dcz"), "--target", "top1=1",
+                                  "--calibration", str(tmp_path / "calib.npz"), "--inputs", str(tmp_path / "test.npz"),
+                                  "--json"])
+    assert r.exit_code in (0, 1), r.output
+    doc = json.loads(r.stdout)
+    assert doc["target"]["goal"] == "top1=1" and doc["target"]["choices"]
+    assert (r.exit_code == 0) == doc["target"]["met"]
+    r = CliRunner().invoke(main, ["sensitivity", src, "--calibration", str(tmp_path / "calib.npz"), "--json",
+                                  "--errors", "1e-2,1e-1", "--plot", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert {row["name"] for row in rows} == {"ip1.weight", "ip2.weight"}  # ip3 (1000 weights) stays raw
+    assert all(row["rel_l2"][1] > row["rel_l2"][0] for row in rows)  # coarser rounding, larger error
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_cli_target_without_calibration_warns(tmp_path):
+    r = CliRunner().invoke(main, ["compress", str(bundled("lenet300.onnx")), "-o", str(tmp_path / "m.dcz"),
+                                  "--target", "rel_l2=1e-2", "-q"])
+    assert "Random inputs hide damage" in r.stderr
+
+
+def test_cli_target_refuses_kmeans(tmp_path):
+    r = CliRunner().invoke(main, ["compress", str(bundled("lenet300.onnx")), "-o", str(tmp_path / "m.dcz"),
+                                  "--target", "rel_l2=1e-2", "--bits", "5"])
+    assert r.exit_code == 2 and "cannot be combined" in r.stderr
+    assert not (tmp_path / "m.dcz").exists()
+
+
+@pytest.mark.slow
+def test_target_on_ddddocr_keeps_every_decoded_string(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from natural_inputs import natural_inputs
+
+    path = model_path("ddddocr-common")
+    calib = natural_inputs("ddddocr-common", path, split="calibration")
+    test = natural_inputs("ddddocr-common", path, split="test")
+    goal = allocate.Target.parse("task=ddddocr-common")
+    result, alloc, final = allocate.compress_to_target(path, tmp_path / "d.dcz", dcformat.Policy(), goal, calib,
+                                                       check_inputs=test)
+    assert alloc.met and final.met, final.detail
+    assert result.ratio > 8
