@@ -3,12 +3,18 @@
 A Huffman stream is a canonical table (count of codewords per length, then the
 symbols in canonical order) followed by an MSB-first bitstream padded with zero
 bits to a whole byte (spec section "Huffman streams"). Code lengths are capped at
-:data:`~dcformat.constants.MAX_CODE_LENGTH`. Encoding and decoding run in
-bitarray's C coder; table work is per distinct symbol, never per symbol occurrence.
+:data:`~dcformat.constants.MAX_CODE_LENGTH`. Encoding and decoding run in C: the
+table-driven coder of the optional extension ``dcformat._huffcode`` when it is built,
+else bitarray's canonical coder (also forced by the environment variable
+``DCZ_PURE_PYTHON=1``). Both give the same bytes, symbols and errors; table work is
+per distinct symbol, never per symbol occurrence.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
+import os
 import struct
 from typing import NamedTuple
 
@@ -19,6 +25,13 @@ from bitarray.util import canonical_decode
 from .constants import MAX_CODE_LENGTH
 from .errors import CorruptError, TruncatedError
 
+try:
+    from . import _huffcode as _native
+except ImportError:  # built without a C compiler: the bitarray coder does the work
+    _native = None
+if os.environ.get("DCZ_PURE_PYTHON", "") not in ("", "0"):
+    _native = None
+
 __all__ = [
     "HuffmanTable",
     "build_table",
@@ -28,6 +41,7 @@ __all__ = [
     "encode_stream",
     "decode_stream",
     "table_nbytes",
+    "native_coder",
 ]
 
 #: Bytes of the table header: u8 max_length, u8 reserved.
@@ -61,6 +75,11 @@ class HuffmanTable(NamedTuple):
             np.arange(1, len(self.counts) + 1, dtype=np.int64), self.counts
         )
         return out
+
+
+def native_coder() -> bool:
+    """Whether streams are coded by the C extension (False: the bitarray fallback)."""
+    return _native is not None
 
 
 def _symbol_width(alphabet_size: int) -> int:
@@ -205,6 +224,13 @@ def encode_stream(
     syms = table.symbols.astype("<u1" if width == 1 else "<u2").tobytes()
     if table.max_length == 0:
         return header + counts + syms, table, 0
+    if _native is not None and symbols.dtype.kind in "iu":  # other dtypes: the bitarray coder's lookup rules
+        values = np.ascontiguousarray(symbols, dtype=symbols.dtype.newbyteorder("="))
+        payload, nbits = _native.encode(
+            values, values.dtype.itemsize, values.dtype.kind == "i", table.counts,
+            np.ascontiguousarray(table.symbols, dtype=np.uint16), alphabet_size,
+        )
+        return b"".join((header, counts, syms, payload)), table, nbits
     bits = bitarray(endian="big")
     bits.encode(_codewords(table), symbols.tolist())
     nbits = len(bits)
@@ -286,15 +312,15 @@ def decode_stream(buf: bytes | memoryview, count: int, alphabet_size: int, what:
         raise TruncatedError(
             f"{what}: {count} symbols need at least {count * min_length} bits, the bitstream has {8 * len(payload)}"
         )
-    bits = bitarray(endian="big")
-    bits.frombytes(payload)
-    try:
-        out = np.fromiter(
-            canonical_decode(bits, [0, *table.counts], table.symbols.tolist()), dtype=np.uint16, count=count
+    if _native is not None:
+        out = np.empty(count, dtype=np.uint16)
+        decoded, used = _native.decode(payload, table.counts, table.symbols, out)
+    else:
+        out, decoded, used = _decode_bitarray(payload, count, table, alphabet_size)
+    if decoded < count:
+        raise TruncatedError(
+            f"{what}: bitstream ends before its {count} symbols ({decoded} whole codewords in {8 * len(payload)} bits)"
         )
-    except (ValueError, StopIteration) as exc:
-        raise TruncatedError(f"{what}: bitstream ends before its {count} symbols ({exc})") from None
-    used = int(table.lengths(alphabet_size)[out].sum()) if count else 0
     if (used + 7) // 8 != len(payload):
         raise CorruptError(
             f"{what}: bitstream has {len(payload)} bytes but its {count} symbols use {used} bits "
@@ -303,3 +329,24 @@ def decode_stream(buf: bytes | memoryview, count: int, alphabet_size: int, what:
     if used % 8 and payload[-1] & ((1 << (8 - used % 8)) - 1):
         raise CorruptError(f"{what}: padding bits after the last symbol are not zero")
     return out
+
+
+def _decode_bitarray(
+    payload: memoryview, count: int, table: HuffmanTable, alphabet_size: int
+) -> tuple[np.ndarray, int, int]:
+    """The fallback decoder: (symbols, how many decoded before the bitstream ran out, bits used)."""
+    bits = bitarray(endian="big")
+    bits.frombytes(payload)
+    args = ([0, *table.counts], table.symbols.tolist())
+    try:
+        out = np.fromiter(canonical_decode(bits, *args), dtype=np.uint16, count=count)
+    except ValueError:  # ran out mid-codeword, or after fewer than count codewords
+        # Count the whole codewords for the message: the deque keeps the last (index, symbol) seen.
+        last: collections.deque = collections.deque(maxlen=1)
+        try:
+            last.extend(enumerate(itertools.islice(canonical_decode(bits, *args), count)))
+        except ValueError:
+            pass
+        return np.zeros(0, dtype=np.uint16), last[0][0] + 1 if last else 0, 0
+    used = int(table.lengths(alphabet_size)[out].sum()) if count else 0
+    return out, count, used
