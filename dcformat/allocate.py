@@ -95,15 +95,13 @@ class Target:
             raise InputError(f"target {text!r}: {metric} must be in {'(0, 1)' if metric == 'rel_l2' else '(0, 1]'}")
         return cls(metric, v)
 
-    def met(self, fids: Sequence[fidelity.OutputFidelity], reference: Mapping[str, np.ndarray] | None = None,
-            outputs: Mapping[str, np.ndarray] | None = None) -> bool:
+    def met(self, fids: Sequence[fidelity.OutputFidelity], reference: Sequence[Feeds] | None = None,
+            outputs: Sequence[Feeds] | None = None) -> bool:
         """Whether the outputs meet the target (task targets need the reference and candidate outputs)."""
         if self.metric == "task":
             if reference is None or outputs is None:
                 raise InputError(f"target {self}: a task check needs the model outputs")
-            from . import tasks
-
-            return tasks.task_check(self.task, reference, outputs).agree >= self.value
+            return task_agreement(self.task, reference, outputs)[0] >= self.value
         for f in fids:
             if self.metric == "rel_l2" and not f.rel_l2 <= self.value:
                 return False
@@ -119,6 +117,49 @@ class Target:
 
     def __str__(self) -> str:
         return f"task={self.task}" if self.metric == "task" else f"{self.metric}={self.value:g}"
+
+
+Feeds = Mapping[str, np.ndarray]
+#: One feed dict (a batch), or several (e.g. text lines of different widths, run one at a time).
+Inputs = Feeds | Sequence[Feeds]
+
+
+def _feeds_list(inputs: Inputs) -> list[dict[str, np.ndarray]]:
+    if isinstance(inputs, Mapping):
+        return [dict(inputs)]
+    out = [dict(f) for f in inputs]
+    if not out:
+        raise InputError("no calibration inputs")
+    return out
+
+
+def task_agreement(check: str, reference: Sequence[Feeds], outputs: Sequence[Feeds]) -> tuple[float, str]:
+    """Task-level agreement over several runs, weighted by the items each compares; and the first run's detail
+    that disagrees (or the first run's)."""
+    from . import tasks
+
+    results = [tasks.task_check(check, r, o) for r, o in zip(reference, outputs)]
+    n = sum(max(r.n, 1) for r in results)
+    agree = sum(r.agree * max(r.n, 1) for r in results) / n
+    worst = min(results, key=lambda r: r.agree)
+    return agree, f"{agree:.2%} of {n} items agree; {worst.detail}"
+
+
+def merge_fidelity(per_run: Sequence[Sequence[fidelity.OutputFidelity]]) -> list[fidelity.OutputFidelity]:
+    """Per output, the worst over runs (rel L2, max abs, cosine) and the item-weighted top-1 agreement."""
+    out = []
+    for rows in zip(*per_run):
+        tops = [(r.top1_agreement, r.n_samples) for r in rows if r.top1_agreement is not None]
+        n = sum(k for _, k in tops)
+        top1 = sum(a * k for a, k in tops) / n if n else (tops[0][0] if tops else None)
+        out.append(fidelity.OutputFidelity(rows[0].name, max(r.rel_l2 for r in rows), max(r.max_abs for r in rows),
+                                           min(r.cosine for r in rows), top1, sum(r.n_samples for r in rows)))
+    return out
+
+
+def run_all(model, inputs: Inputs) -> list[dict[str, np.ndarray]]:
+    """:func:`fidelity.run` on each feed dict."""
+    return [fidelity.run(model, f) for f in _feeds_list(inputs)]
 
 
 @dataclass(frozen=True)
@@ -213,9 +254,9 @@ def _lift(model: onnx.ModelProto, names: set[str]) -> set[str]:
 class Probe:
     """Runs the model on fixed inputs with some weights replaced; counts its runs."""
 
-    def __init__(self, graph: bytes, weights: Sequence[Weight], inputs: Mapping[str, np.ndarray]):
+    def __init__(self, graph: bytes, weights: Sequence[Weight], inputs: Inputs):
         self.weights = {w.name: w for w in weights}
-        self.inputs = dict(inputs)
+        self.inputs = _feeds_list(inputs)
         self.runs = 0
         self._graph = graph
         model = rebuild(graph, {w.name: w.array for w in weights})
@@ -231,27 +272,28 @@ class Probe:
             self.lifted = set()
             self.reference = self._run({})
 
-    def _run(self, replaced: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, replaced: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         self.runs += 1
         if self._sess is None:
             model = rebuild(self._graph, {n: replaced.get(n, w.array) for n, w in self.weights.items()})
-            return fidelity.run(model, self.inputs)
-        feeds = dict(self.inputs)
-        for n in self.lifted:
-            feeds[n] = np.asarray(replaced.get(n, self.weights[n].array))
+            return run_all(model, self.inputs)
+        weights = {n: np.asarray(replaced.get(n, self.weights[n].array)) for n in self.lifted}
         names = [o.name for o in self._sess.get_outputs()]
-        try:
-            values = self._sess.run(names, feeds)
-        except Exception as e:  # onnxruntime's own exception types
-            raise InputError(f"onnxruntime failed on the calibration inputs: {e}") from e
-        return {n: fidelity._as_array(v, n) for n, v in zip(names, values)}
+        outs = []
+        for feeds in self.inputs:
+            try:
+                values = self._sess.run(names, {**feeds, **weights})
+            except Exception as e:  # onnxruntime's own exception types
+                raise InputError(f"onnxruntime failed on the calibration inputs: {e}") from e
+            outs.append({n: fidelity._as_array(v, n) for n, v in zip(names, values)})
+        return outs
 
     def compare(self, replaced: Mapping[str, np.ndarray]) -> list[fidelity.OutputFidelity]:
-        return fidelity.compare(self.reference, self._run(replaced))
+        return merge_fidelity([fidelity.compare(r, o) for r, o in zip(self.reference, self._run(replaced))])
 
     def meets(self, replaced: Mapping[str, np.ndarray], target: Target) -> tuple[bool, list[fidelity.OutputFidelity]]:
         outputs = self._run(replaced)
-        fids = fidelity.compare(self.reference, outputs)
+        fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(self.reference, outputs)])
         return target.met(fids, self.reference, outputs), fids
 
 
@@ -343,7 +385,7 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
     return out
 
 
-def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Mapping[str, np.ndarray],
+def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Inputs,
              target: Target, *, log: Log | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> Allocation:
     """Choose per-tensor grid settings for the smallest file meeting ``target`` on ``inputs``."""
@@ -445,7 +487,7 @@ class Verification:
 
 
 def compress_to_target(model_path, output, policy: Policy, target: Target,
-                       calibration: Mapping[str, np.ndarray] | None, *, check_inputs: Mapping[str, np.ndarray] | None = None,
+                       calibration: Inputs | None, *, check_inputs: Inputs | None = None,
                        overwrite: bool = False, log: Log | None = None,
                        progress: Callable[[int, int, str], None] | None = None):
     """Allocate settings on ``calibration`` (random inputs, with a warning, when None), compress with them, then
@@ -467,14 +509,12 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
     result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, progress=progress,
                           metadata={"dcz.target": str(target), "dcz.target_met_on_calibration": str(alloc.met).lower()})
     inputs = check_inputs if check_inputs is not None else calibration
-    reference = fidelity.run(load_model(model_path), inputs)
-    outputs = fidelity.run(api.load(result.output), inputs)
-    fids = fidelity.compare(reference, outputs)
+    reference = run_all(load_model(model_path), inputs)
+    outputs = run_all(api.load(result.output), inputs)
+    fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, outputs)])
     met = target.met(fids, reference, outputs)
     if target.metric == "task":
-        from . import tasks
-
-        detail = tasks.task_check(target.task, reference, outputs).detail
+        detail = task_agreement(target.task, reference, outputs)[1]
     else:
         detail = f"worst rel L2 {max((f.rel_l2 for f in fids), default=0.0):.2e}"
     return result, alloc, Verification(met, fids, detail, "check inputs" if check_inputs is not None else "calibration")
@@ -493,7 +533,7 @@ class SensitivityRow:
     est_bytes: tuple[int, ...]
 
 
-def sensitivity_table(model_path, policy: Policy, calibration: Mapping[str, np.ndarray] | None,
+def sensitivity_table(model_path, policy: Policy, calibration: Inputs | None,
                       errors: Sequence[float] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), *, log: Log | None = None,
                       progress: Callable[[int, int, str], None] | None = None) -> list[SensitivityRow]:
     """For each compressible tensor the probe can feed: worst output rel L2 with only that tensor rounded to a

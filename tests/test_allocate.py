@@ -33,6 +33,17 @@ def test_target_parse():
             allocate.Target.parse(bad)
 
 
+def test_several_feed_dicts_merge_to_the_worst_output():
+    a = [fidelity.OutputFidelity("y", 0.01, 0.1, 0.999, 1.0, 4)]
+    b = [fidelity.OutputFidelity("y", 0.03, 0.05, 0.99, 0.5, 4)]
+    m = allocate.merge_fidelity([a, b])[0]
+    assert (m.rel_l2, m.max_abs, m.cosine, m.top1_agreement, m.n_samples) == (0.03, 0.1, 0.99, 0.75, 8)
+    ref = [{"logits": np.eye(3, dtype=np.float32)}, {"logits": np.eye(3, dtype=np.float32)[:1]}]
+    new = [{"logits": np.eye(3, dtype=np.float32)}, {"logits": np.eye(3, dtype=np.float32)[1:2]}]
+    agree, detail = allocate.task_agreement("classification", ref, new)
+    assert agree == 0.75 and "of 4 items" in detail
+
+
 def test_target_met_per_metric():
     f = [fidelity.OutputFidelity("y", 0.02, 0.1, 0.9995, 0.99, 10)]
     assert not allocate.Target("rel_l2", 0.01).met(f) and allocate.Target("rel_l2", 0.03).met(f)
@@ -50,7 +61,7 @@ def test_probe_feeds_weights_and_matches_a_rebuild():
     changed = np.asarray(w.array) * 1.01
     got = probe.compare({w.name: changed})
     rebuilt = dcformat.onnx_rebuild.rebuild(graph, {x.name: (changed if x.name == w.name else x.array) for x in weights})
-    want = fidelity.compare(probe.reference, fidelity.run(rebuilt, calib))
+    want = fidelity.compare(probe.reference[0], fidelity.run(rebuilt, calib))
     assert got[0].rel_l2 == pytest.approx(want[0].rel_l2, rel=1e-4) and got[0].rel_l2 > 1e-3
 
 
@@ -72,7 +83,7 @@ def test_probe_lifts_constants_inside_subgraphs():
     probe = allocate.Probe(graph, weights, inputs)
     assert probe.lifted == {"w_c", "w_e"}
     # attributes are sorted by name: attribute[1] is then_branch, whose constant is now w_e
-    np.testing.assert_array_equal(probe._run({"w_e": np.full(4, 2.0, np.float32)})["y"], np.full(4, 2.0))
+    np.testing.assert_array_equal(probe._run({"w_e": np.full(4, 2.0, np.float32)})[0]["y"], np.full(4, 2.0))
 
 
 def test_allocation_meets_target_and_beats_a_uniform_setting(tmp_path):

@@ -1,0 +1,101 @@
+"""Rate against task-level fidelity on the public models: dcz --target next to the paper's plain recipe and the
+default, each checked on held-out natural test inputs with the model's task check (dcformat.tasks).
+
+    python tools/target_table.py                       # every public model with natural inputs
+    python tools/target_table.py ddddocr-common --target task   # one model; target 'task' (default) or rel_l2=1e-2 ...
+
+Calibration inputs (allocation) and test inputs (the table's fidelity) come from tools/natural_inputs.py and are
+disjoint. Prints a Markdown table; --json writes the rows too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import dcformat  # noqa: E402
+from dcformat import allocate, fidelity, tasks  # noqa: E402
+from dcformat.onnx_ingest import load_model  # noqa: E402
+import fetch_models  # noqa: E402
+from natural_inputs import natural_inputs  # noqa: E402
+
+
+def _model(name: str) -> Path:
+    if name in fetch_models.MODELS:
+        return fetch_models.fetch(name, None)
+    from dcformat.demo import bundled
+
+    return Path(bundled(f"{name.replace('-', '_')}.onnx"))
+
+
+def _check(name: str, src: Path, dcz: Path, test: dict) -> tuple[float, float, str]:
+    ref = fidelity.run(load_model(src), test)
+    new = fidelity.run(dcformat.load(dcz), test)
+    fids = fidelity.compare(ref, new)
+    t = tasks.task_check(name, ref, new)
+    return t.agree, max((f.rel_l2 for f in fids), default=0.0), t.detail
+
+
+def run(name: str, target_text: str, tmp: Path) -> dict:
+    src = _model(name)
+    calib = natural_inputs(name, src, split="calibration")
+    test = natural_inputs(name, src, split="test")
+    row: dict = {"model": name, "original": src.stat().st_size}
+    for label, policy in (("paper", dcformat.Policy(quantizer="kmeans", bits={"*": 8})), ("default", dcformat.Policy())):
+        r = dcformat.compress(src, tmp / f"{name}.{label}.dcz", policy, overwrite=True)
+        agree, rel, _ = _check(name, src, r.output, test)
+        row[label] = {"bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel}
+    goal = allocate.Target.parse(f"task={name}" if target_text == "task" else target_text)
+    t0 = time.perf_counter()
+    r, alloc, final = allocate.compress_to_target(src, tmp / f"{name}.target.dcz", dcformat.Policy(), goal, calib,
+                                                  check_inputs=test, overwrite=True)
+    secs = time.perf_counter() - t0
+    agree, rel, detail = _check(name, src, r.output, test)
+    row["target"] = {"goal": str(goal), "bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel,
+                     "met_calibration": alloc.met, "met_test": final.met, "seconds": secs, "runs": alloc.evaluations,
+                     "detail": detail}
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--target", default="task", help="'task' (each model's own check) or METRIC=V")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    names = args.names or [n for n in tasks.MODEL_TASKS if n not in ("lenet300", "lenet5", "logreg-iris", "light-resnet50")]
+    print(f"# command: python tools/target_table.py {' '.join(sys.argv[1:])}")
+    print("| model | original | paper 8-bit k-means | default grid | dcz --target | target met (calib / test) | task agree (test) | rel L2 (test) | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in names:
+            try:
+                row = run(name, args.target, Path(d))
+            except Exception as e:  # one model's failure must not hide the others' numbers
+                print(f"| {name} | failed: {str(e)[:120]} |")
+                continue
+            rows.append(row)
+            p, de, t = row["paper"], row["default"], row["target"]
+
+            def cell(x):
+                return f"{x['bytes']:,} ({x['ratio']:.2f}x, task {x['task']:.0%})"
+
+            print(f"| {name} | {row['original']:,} | {cell(p)} | {cell(de)} | {t['bytes']:,} ({t['ratio']:.2f}x) | "
+                  f"{'yes' if t['met_calibration'] else 'no'} / {'yes' if t['met_test'] else 'no'} | {t['task']:.2%} | "
+                  f"{t['rel_l2']:.1e} | {t['seconds']:.0f} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
