@@ -307,7 +307,7 @@ def _distortion(fids: Sequence[fidelity.OutputFidelity]) -> float:
 def _rate_bits(q: np.ndarray) -> float:
     """Estimated coded size of integer levels: entropy of the levels, dense (>= 1 bit each once two levels are
     used) or sparse (the nonzero levels plus ideal gap coding), plus the Huffman table."""
-    flat = q.ravel()
+    flat = q.ravel().astype(np.int64)
     n = flat.size
     lo = int(flat.min())
     counts = np.bincount(flat - lo)

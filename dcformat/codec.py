@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 LAYOUT_CHOICES = ("auto", "dense", "sparse")
+#: Grids try the SPARSE layout only when more than half the levels are zero. The ideal sizes of DENSE and SPARSE
+#: are equal (zero/nonzero entropy plus the nonzero codes either way); SPARSE wins only where Huffman cannot give
+#: the zero code under one bit, i.e. when zeros are more than half, and trying it costs 8 bytes per element.
+SPARSE_MAX_DENSITY = 0.5
 QUANTIZERS = ("kmeans", "uniform")
 
 
@@ -284,19 +288,23 @@ def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.nd
         axis = None
     grid = quantize.grid_quantize(x, steps, axis, None if mask.all() else mask)
     del x, values
-    q_min = int(grid.q.min()) if grid.q.size else 0
-    q_min = min(q_min, 0)
-    levels = int(grid.q.max()) - q_min + 1 if grid.q.size else 1
-    codes_full = (grid.q.reshape(-1) - q_min).astype(np.uint16)
-    stored_mask = grid.q.reshape(-1) != 0
+    q = grid.q.reshape(-1)  # integers in float32 (float64 for float64 tensors)
+    q_min = min(int(q.min()), 0) if q.size else 0
+    levels = int(q.max()) - q_min + 1 if q.size else 1
     reference = quantize.grid_values(grid.q, grid.scales, axis, _rounding_dtype(dtype))
     if dtype == DType.BFLOAT16:
         reference = reference.view(np.uint16)
+    stored_mask = q != 0
+    if t.settings.layout == "auto" and stored_mask.mean() > SPARSE_MAX_DENSITY:
+        stored_mask = None  # too few zeros for SPARSE to pay (see SPARSE_MAX_DENSITY)
+    q -= q_min  # in place: the codes, still exact integers
+    codes_full = q.astype(np.uint16)
+    del q
     header = struct.pack("<B3xi", GRID_AXIS_NONE if axis is None else axis, q_min)
     cb_payload = header + grid.scales.astype("<f4").tobytes()
     code_bits = max(1, (levels - 1).bit_length())
     return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full,
-                 None if stored_mask.all() else stored_mask, reference)
+                 None if stored_mask is None or stored_mask.all() else stored_mask, reference)
 
 
 def _pack(

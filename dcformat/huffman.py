@@ -199,12 +199,20 @@ def _codewords(table: HuffmanTable) -> dict[int, bitarray]:
     return out
 
 
+#: Symbols counted per bincount call: its int64 copy is 8 MiB instead of 8 bytes per symbol of the stream.
+HISTOGRAM_CHUNK = 1 << 20
+
+
 def histogram(symbols: np.ndarray, alphabet_size: int) -> np.ndarray:
     """Count of each symbol of the alphabet in ``symbols``."""
     symbols = np.asarray(symbols)
     if not symbols.size:
         return np.zeros(alphabet_size, dtype=np.int64)
-    return np.bincount(symbols.astype(np.int64, copy=False), minlength=alphabet_size)
+    flat = symbols.reshape(-1)
+    counts = np.zeros(alphabet_size, dtype=np.int64)
+    for start in range(0, flat.size, HISTOGRAM_CHUNK):  # bincount widens to int64: chunks bound that copy
+        counts += np.bincount(flat[start:start + HISTOGRAM_CHUNK].astype(np.int64, copy=False), minlength=alphabet_size)
+    return counts
 
 
 def encode_stream(

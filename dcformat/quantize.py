@@ -511,14 +511,13 @@ def channel_rms_floor(x: np.ndarray) -> float:
     """The smallest RMS among the tensor's slices along its first and its last axis (ignoring slices
     below CHANNEL_RMS_FLOOR of the tensor's RMS): the scale a grid must resolve so that every output
     channel, whichever axis holds them (Conv and Gemm: first, MatMul: last), keeps its relative error."""
-    x = np.asarray(x, dtype=np.float64)
-    total = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+    x = np.asarray(x)
+    total = _rms(x)
     if x.ndim < 2 or total == 0:
         return total
     out = total
     for axis in (0, x.ndim - 1):
-        other = tuple(a for a in range(x.ndim) if a != axis)
-        rms = np.sqrt(np.mean(x * x, axis=other))
+        rms = slice_rms(x, axis)
         rms = rms[rms >= CHANNEL_RMS_FLOOR * total]
         if rms.size:
             out = min(out, float(rms.min()))
@@ -561,16 +560,40 @@ class Grid(NamedTuple):
     """Integer levels ``q`` (same shape as the tensor) and the float32 scale of each slice along ``axis``
     (one scale when ``axis`` is None): element = q * scale of its slice (see :func:`grid_values`)."""
 
-    q: np.ndarray  # int32
+    q: np.ndarray  # integer values, held in the working float type (exact: |q| <= GRID_MAX_LEVEL)
     scales: np.ndarray  # float32, 1-D
     axis: int | None
 
 
+def _rms(x: np.ndarray) -> float:
+    """RMS of all elements, without a squared or widened copy of the tensor."""
+    flat = np.asarray(x).reshape(-1)
+    if not flat.size:
+        return 0.0
+    return math.sqrt(sum(float(np.dot(c, c)) for c in _chunks(flat)) / flat.size)
+
+
+#: Elements widened to float64 at a time by the RMS helpers (8 MiB).
+RMS_CHUNK = 1 << 20
+
+
+def _chunks(flat: np.ndarray):
+    for start in range(0, flat.size, RMS_CHUNK):
+        yield flat[start:start + RMS_CHUNK].astype(np.float64)
+
+
 def slice_rms(x: np.ndarray, axis: int) -> np.ndarray:
-    """RMS of each slice of ``x`` along ``axis`` (float64)."""
-    other = tuple(a for a in range(x.ndim) if a != axis)
-    x64 = np.asarray(x, dtype=np.float64)
-    return np.sqrt(np.mean(x64 * x64, axis=other)) if other else np.abs(x64)
+    """RMS of each slice of ``x`` along ``axis`` (float64), without a squared or widened copy of the tensor."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        return np.abs(x.astype(np.float64))
+    if axis == 0:
+        m = x.reshape(x.shape[0], -1)
+        sq = np.array([float(np.dot(r, r)) for r in (m[i].astype(np.float64) for i in range(m.shape[0]))]) \
+            if m.shape[0] <= 64 else np.einsum("ij,ij->i", m, m, dtype=np.float64)
+        return np.sqrt(sq / m.shape[1])
+    m = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    return np.sqrt(np.einsum("ij,ij->j", m, m, dtype=np.float64) / m.shape[0])
 
 
 def channel_axis(x: np.ndarray) -> int | None:
@@ -578,7 +601,7 @@ def channel_axis(x: np.ndarray) -> int | None:
     RMS (Conv and Gemm keep output channels first, MatMul last); None for 1-D tensors or equal scales."""
     if x.ndim < 2:
         return None
-    total = float(np.sqrt(np.mean(np.asarray(x, dtype=np.float64) ** 2)))
+    total = _rms(x)
     if total == 0:
         return None
     best, best_spread = None, 1.0
@@ -599,7 +622,7 @@ def grid_steps(x: np.ndarray, rel_error: float, axis: int | None) -> np.ndarray:
         raise InputError(f"relative error {rel_error} is outside (0, 1)")
     if axis is None:
         return np.array([rel_error * np.sqrt(12.0) * channel_rms_floor(x) or 1.0])
-    total = float(np.sqrt(np.mean(np.asarray(x, dtype=np.float64) ** 2)))
+    total = _rms(x)
     rms = np.maximum(slice_rms(x, axis), SLICE_RMS_FLOOR * total)
     steps = rel_error * np.sqrt(12.0) * rms
     steps[steps == 0] = 1.0
@@ -632,14 +655,17 @@ def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.n
     for _ in range(8):
         s32 = scales.astype(np.float32)
         s32[s32 == 0] = np.float32(np.finfo(np.float32).tiny)
-        q = np.rint(x.astype(work, copy=False) / s32.reshape(bshape).astype(work))
+        q = x.astype(work, copy=True)  # one working copy, rounded in place
+        q /= s32.reshape(bshape).astype(work)
+        np.rint(q, out=q)
+        q += 0.0  # -0.0 (a small negative rounded to zero) becomes +0.0, as the integer level 0 decodes
         if keep is not None:
             q[~keep.reshape(x.shape)] = 0
         lo, hi = (float(q.min()), float(q.max())) if q.size else (0.0, 0.0)
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         widen = max((hi - lo + 1) / MAX_K, max(-lo, hi) / GRID_MAX_LEVEL)
         if widen <= 1:
-            return Grid(q.astype(np.int32), s32, axis)
+            return Grid(q, s32, axis)
         scales = scales * (widen * 1.01)
     raise InputError("values cannot be placed on a grid of 2**16 levels")  # unreachable for finite values
 
@@ -650,5 +676,6 @@ def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np
     dt = _check_storage(storage)
     work = np.float64 if dt == np.float64 else np.float32
     s = np.asarray(scales, dtype=np.float32).astype(work).reshape(_grid_shape(q.ndim, axis, len(scales)))
-    out = q.astype(work) * s
+    out = q.astype(work)
+    out *= s
     return out if out.dtype == dt else out.astype(dt)
