@@ -47,6 +47,10 @@ CANDIDATE_ERRORS: tuple[float, ...] = tuple(float(x) for x in np.geomspace(3e-4,
 PROBE_ERROR = 1e-2
 #: Bisection steps on the multiplier (each is one full-model run on the calibration inputs).
 SEARCH_STEPS = 12
+#: Task and top-1 targets are pass/fail per item, so a search on a few calibration items stops exactly at the edge
+#: and held-out items fall over it. Candidates are therefore judged with their weight error scaled by this factor:
+#: the file keeps a margin (measured: digits-mlp held-out agreement 97.8% without it).
+DISCRETE_MARGIN = 2.0
 #: Refinement: at most this many of the largest tensors, until they hold this share of the estimated bits.
 REFINE_TENSORS = 8
 REFINE_SHARE = 0.9
@@ -196,8 +200,9 @@ class Allocation:
 
     def policy(self, base: Policy) -> Policy:
         """``base`` with one rule per chosen tensor (exact-name patterns)."""
-        rules = tuple(LayerRule(glob.escape(c.name), {"quantizer": "uniform", "rel_error": c.candidate.rel_error,
-                                                      "per_channel": c.candidate.per_channel})
+        rules = tuple(LayerRule(glob.escape(c.name), {"raw": True} if c.candidate.rel_error == 0 else
+                                {"quantizer": "uniform", "rel_error": c.candidate.rel_error,
+                                 "per_channel": c.candidate.per_channel})
                       for c in self.choices)
         return Policy(**{**_policy_fields(base), "layers": base.layers + rules})
 
@@ -340,6 +345,7 @@ def candidates(x: np.ndarray) -> list[Candidate]:
     out = []
     modes = (False, True) if x.ndim >= 2 and quantize.channel_axis(x) is not None else (False,)
     x64 = x.astype(np.float64)
+    out.append(Candidate(False, 0.0, 0.0, 8.0 * x.nbytes))  # raw: exact
     for per_channel in modes:
         for r in CANDIDATE_ERRORS:
             g, values = _grid(x, per_channel, r)
@@ -350,6 +356,8 @@ def candidates(x: np.ndarray) -> list[Candidate]:
 
 
 def _values(x: np.ndarray, c: Candidate) -> np.ndarray:
+    if c.rel_error == 0:
+        return x
     return _grid(x, c.per_channel, c.rel_error)[1]
 
 
@@ -359,7 +367,12 @@ def _values(x: np.ndarray, c: Candidate) -> np.ndarray:
 Log = Callable[[str], None]
 
 
-def _compressible(weights: Sequence[Weight], policy: Policy) -> list[Weight]:
+def _compressible(weights: Sequence[Weight], policy: Policy, *, all_sizes: bool = True) -> list[Weight]:
+    """Float tensors the allocation may code: all finite ones except those the user keeps raw by name. Small
+    tensors and normalisation parameters are candidates too (``all_sizes``): the allocation keeps them raw when
+    that is best."""
+    if all_sizes:
+        policy = Policy(**{**_policy_fields(policy), "min_elements": 0, "compress_norm": True})
     out = []
     for w in weights:
         s = policy.settings_for(w.name, w.kind, w.array.size)
@@ -407,8 +420,15 @@ def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: In
 
     arrays = {w.name: w.array for w in tensors}
 
+    margin = DISCRETE_MARGIN if target.metric in ("task", "top1") else 1.0
+
     def measure(choice: Mapping[str, Candidate]) -> tuple[bool, list[fidelity.OutputFidelity]]:
-        return probe.meets({n: _values(np.asarray(arrays[n]), c) for n, c in choice.items()}, target)
+        replaced = {}
+        for n, c in choice.items():
+            x = np.asarray(arrays[n])
+            v = _values(x, c)
+            replaced[n] = v if margin == 1.0 else (x + margin * (v.astype(x.dtype) - x)).astype(x.dtype)
+        return probe.meets(replaced, target)
 
     # Bisection on log(lam): larger lam = more bits, less distortion. Bracket from 1 to 1e16 bits per unit.
     lo, hi = 0.0, 16.0
@@ -546,7 +566,7 @@ def sensitivity_table(model_path, policy: Policy, calibration: Inputs | None,
     graph, weights = extract_weights(model)
     del model
     probe = Probe(graph, weights, calibration)
-    todo = [w for w in _compressible(weights, policy) if w.name in probe.lifted]
+    todo = [w for w in _compressible(weights, policy, all_sizes=False) if w.name in probe.lifted]
     rows = []
     for i, w in enumerate(todo, 1):
         x = np.asarray(w.array)

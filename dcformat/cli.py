@@ -122,9 +122,10 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default="default", show_default=True,
               help="'paper': Deep Compression's bit widths (conv 8-bit codes and indices, fc 5-bit).")
-@click.option("--quantizer", type=click.Choice(["uniform", "kmeans"]),
+@click.option("--quantizer", type=click.Choice(["uniform", "kmeans", "eckmeans"]),
               help="uniform: a grid per tensor at --error (default). kmeans: the paper's 2^bits-entry codebooks "
-                   "(default when --bits or --preset paper is given).")
+                   "(default when --bits or --preset paper is given). eckmeans: entropy-constrained k-means started "
+                   "from the --error grid (levels move and merge where that saves code length).")
 @click.option("--error", metavar="E|KIND=E,...",
               help="Uniform grid: rounding error as a fraction of the RMS of each tensor's weakest output channel "
                    "(default 3e-3); larger is smaller and less exact.")

@@ -48,11 +48,13 @@ __all__ = [
 ]
 
 LAYOUT_CHOICES = ("auto", "dense", "sparse")
+#: eckmeans: a bit of code length costs this many squared grid steps of error (0 = plain Lloyd from the grid).
+DEFAULT_EC_LAMBDA = 0.05
 #: Grids try the SPARSE layout only when more than half the levels are zero. The ideal sizes of DENSE and SPARSE
 #: are equal (zero/nonzero entropy plus the nonzero codes either way); SPARSE wins only where Huffman cannot give
 #: the zero code under one bit, i.e. when zeros are more than half, and trying it costs 8 bytes per element.
 SPARSE_MAX_DENSITY = 0.5
-QUANTIZERS = ("kmeans", "uniform")
+QUANTIZERS = ("kmeans", "uniform", "eckmeans")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class CompressSettings:
         index_bits: relative-index field width for the sparse layout (paper: 8 conv, 5 fc).
         layout: ``auto`` picks the smaller of dense and sparse; or force one.
         seed: for ``random`` init.
+        ec_lambda: ``eckmeans`` (entropy-constrained k-means, started from the grid of ``rel_error`` or ``step``):
+            the price of one bit of code length, in squared grid steps.
         per_channel: uniform grid: one scale per output channel (the first or last axis, whichever varies
             more), each resolving its own channel at ``rel_error``; otherwise one scale per tensor.
     """
@@ -89,6 +93,7 @@ class CompressSettings:
     layout: str = "auto"
     seed: int = 0
     per_channel: bool = False
+    ec_lambda: float = DEFAULT_EC_LAMBDA
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= MAX_CODE_BITS:
@@ -107,8 +112,10 @@ class CompressSettings:
             raise InputError(f"init {self.init!r} is not one of {', '.join(quantize.INITS)}")
         if self.quantizer not in QUANTIZERS:
             raise InputError(f"quantizer {self.quantizer!r} is not one of {', '.join(QUANTIZERS)}")
-        if self.quantizer == "uniform" and self.rel_error is None and self.step is None:
-            raise InputError("the uniform quantizer needs rel_error or step")
+        if self.quantizer in ("uniform", "eckmeans") and self.rel_error is None and self.step is None:
+            raise InputError(f"the {self.quantizer} quantizer needs rel_error or step")
+        if not (self.ec_lambda >= 0 and math.isfinite(self.ec_lambda)):
+            raise InputError(f"ec_lambda {self.ec_lambda} must be a finite number >= 0")
         if self.rel_error is not None and not 0 < self.rel_error < 1:
             raise InputError(f"rel_error {self.rel_error} is outside (0, 1)")
         if self.step is not None and not (self.step > 0 and math.isfinite(self.step)):
@@ -259,6 +266,19 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
     if kept.size == 0:
         codebook = np.zeros(1, dtype=_rounding_dtype(dtype))
         codes_kept = np.zeros(0, dtype=np.uint16)
+    elif s.quantizer == "eckmeans":
+        step = s.step or float(quantize.grid_steps(values.reshape(stored.shape), s.rel_error, None)[0])
+        grid = quantize.grid_quantize(kept, np.array([step]), None).q
+        lo, hi = int(grid.min()), int(grid.max())
+        if hi - lo + 1 > quantize.MAX_K:
+            step *= (hi - lo + 1) / (quantize.MAX_K - 2)
+            lo, hi = int(np.floor(kept.min() / step)), int(np.ceil(kept.max() / step))
+        centroids, codes = quantize.ec_kmeans(kept, np.arange(lo, hi + 1) * step, s.ec_lambda * step * step)
+        codebook = quantize.round_to_storage(centroids, _rounding_dtype(dtype))
+        codes_kept = quantize.nearest(kept, codebook).astype(np.uint16) if codebook.size != centroids.size else (
+            codes.astype(np.uint16))
+        if include_zero:
+            codebook, codes_kept = _with_zero(codebook, codes_kept)
     else:
         codebook, codes_kept = quantize.build_codebook(
             kept, 1 << s.bits, storage=_rounding_dtype(dtype), include_zero=include_zero, init=s.init, seed=s.seed

@@ -679,3 +679,65 @@ def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np
     out = q.astype(work)
     out *= s
     return out if out.dtype == dt else out.astype(dt)
+
+
+# --- Entropy-constrained k-means (Chou, Lookabaugh and Gray 1989; Choi et al. 2017 for networks) -------------
+
+#: Lloyd iterations of the entropy-constrained k-means; the cost stops moving after a handful.
+ECK_ITERS = 8
+
+
+def _lower_envelope(c: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decision thresholds of ``argmin_j (w - c_j)**2 + cost_j`` for sorted ``c``: the lower envelope of the
+    lines ``-2 c_j w + c_j**2 + cost_j``. Returns (indices of the centroids that win somewhere, thresholds
+    between consecutive winners). A loop over centroids (at most 2**16), never over weights."""
+    b = c * c + cost
+    hull: list[int] = []
+    xs: list[float] = []  # xs[i]: where hull[i+1] starts to win over hull[i]
+    for j in range(len(c) - 1, -1, -1):  # decreasing slope -2c: iterate from the largest centroid down
+        while hull:
+            i = hull[-1]
+            x = (b[i] - b[j]) / (2.0 * (c[i] - c[j]))  # where lines i and j cross
+            if xs and x >= xs[-1]:  # j takes over before the last winner even starts: drop it
+                hull.pop()
+                xs.pop()
+                continue
+            xs.append(x)
+            break
+        hull.append(j)
+    order = np.array(hull[::-1])
+    return order, np.array(xs[::-1], dtype=np.float64)
+
+
+def ec_kmeans(values: np.ndarray, init: np.ndarray, lam: float, *, iters: int = ECK_ITERS) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy-constrained k-means of 1-D ``values``: centroids and assignments minimising
+    ``sum (w - c)**2 + lam * sum(code length in bits)``, the length being ``-log2`` of the centroid's share.
+
+    Starts from the sorted centroids ``init`` (e.g. a uniform grid); centroids that lose every weight are
+    dropped, so the codebook shrinks as ``lam`` grows. Returns (codebook float64 ascending, codes int64).
+    """
+    v = _as_float64(np.asarray(values).ravel(), "values")
+    c = np.unique(np.asarray(init, dtype=np.float64))
+    if v.size == 0 or c.size == 0:
+        return c[:1] if c.size else np.zeros(1), np.zeros(v.size, dtype=np.int64)
+    if not lam >= 0:
+        raise InputError(f"lambda {lam} must be >= 0")
+    codes = np.searchsorted((c[1:] + c[:-1]) / 2, v)
+    for _ in range(iters):
+        counts = np.bincount(codes, minlength=c.size)
+        keep = counts > 0
+        sums = np.bincount(codes, weights=v, minlength=c.size)
+        c = sums[keep] / counts[keep]
+        p = counts[keep] / v.size
+        winners, cuts = _lower_envelope(c, lam * -np.log2(p))
+        c = c[winners]
+        new = np.searchsorted(cuts, v)
+        if np.array_equal(new, codes) and c.size == winners.size:
+            codes = new
+            break
+        codes = new
+    counts = np.bincount(codes, minlength=c.size)
+    keep = counts > 0
+    remap = np.cumsum(keep) - 1
+    means = np.bincount(codes, weights=v, minlength=c.size)[keep] / counts[keep]  # a last centroid update
+    return means, remap[codes]

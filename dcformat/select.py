@@ -31,7 +31,7 @@ DEFAULT_INDEX_BITS = 8
 #: Chosen so that every public model keeps its answers (tools/fidelity_table.py); see the README.
 DEFAULT_REL_ERROR = 3e-3
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
-RULE_KEYS = ("quantizer", "rel_error", "step", "per_channel", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
+RULE_KEYS = ("quantizer", "rel_error", "step", "per_channel", "ec_lambda", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class Policy:
 
         values: dict[str, Any] = {"bits": pick(self.bits, DEFAULT_BITS), "index_bits": pick(self.index_bits, DEFAULT_INDEX_BITS),
                                   "init": self.init, "seed": self.seed, "quantizer": self.quantizer}
-        if self.quantizer == "uniform":
+        if self.quantizer in ("uniform", "eckmeans"):
             values["rel_error"] = pick(self.rel_error, DEFAULT_REL_ERROR)
             values["per_channel"] = self.per_channel
         if pick(self.sparsity) is not None:

@@ -60,6 +60,22 @@ def samples(name: str, src: Path, split: str, n: int = SAMPLES) -> list[dict]:
     return out
 
 
+#: Labelled test splits (bundled): accuracy is reported next to agreement.
+LABELS = {"digits-mlp": "digits_test.npz"}
+
+
+def accuracy(name: str, model) -> float | None:
+    if name not in LABELS:
+        return None
+    import numpy as np
+    from dcformat.demo import bundled
+
+    with np.load(bundled(LABELS[name])) as z:
+        x, y = z["x"], z["y"]
+    out = fidelity.run(model, {"input": x})
+    return float(np.mean(next(iter(out.values())).argmax(-1) == y))
+
+
 def run(name: str, target_text: str, tmp: Path) -> dict:
     src = _model(name)
     calib = samples(name, src, "calibration")
@@ -75,6 +91,7 @@ def run(name: str, target_text: str, tmp: Path) -> dict:
                                                   check_inputs=test, overwrite=True)
     secs = time.perf_counter() - t0
     agree, rel, detail = _check(name, src, r.output, test)
+    row["accuracy"] = {"original": accuracy(name, load_model(src)), "target": accuracy(name, dcformat.load(r.output))}
     row["target"] = {"goal": str(goal), "bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel,
                      "met_calibration": alloc.met, "met_test": final.met, "seconds": secs, "runs": alloc.evaluations,
                      "detail": detail}
@@ -108,6 +125,8 @@ def main() -> int:
             print(f"| {name} | {row['original']:,} | {cell(p)} | {cell(de)} | {t['bytes']:,} ({t['ratio']:.2f}x) | "
                   f"{'yes' if t['met_calibration'] else 'no'} / {'yes' if t['met_test'] else 'no'} | {t['task']:.2%} | "
                   f"{t['rel_l2']:.1e} | {t['seconds']:.0f} |", flush=True)
+            if row["accuracy"]["original"] is not None:
+                print(f"|  | test accuracy {row['accuracy']['original']:.2%} -> {row['accuracy']['target']:.2%} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
