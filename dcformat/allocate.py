@@ -399,7 +399,7 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
 
 
 def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Inputs,
-             target: Target, *, log: Log | None = None,
+             target: Target, *, log: Log | None = None, margin: float | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> Allocation:
     """Choose per-tensor grid settings for the smallest file meeting ``target`` on ``inputs``."""
     t0 = time.perf_counter()
@@ -420,7 +420,8 @@ def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: In
 
     arrays = {w.name: w.array for w in tensors}
 
-    margin = DISCRETE_MARGIN if target.metric in ("task", "top1") else 1.0
+    if margin is None:
+        margin = DISCRETE_MARGIN if target.metric in ("task", "top1") else 1.0
 
     def measure(choice: Mapping[str, Candidate]) -> tuple[bool, list[fidelity.OutputFidelity]]:
         replaced = {}

@@ -340,6 +340,8 @@ def run(model: onnx.ModelProto | bytes | str | os.PathLike,
         InputError: onnxruntime cannot load the model; an input is missing, unknown, or has the wrong dtype, rank or
             fixed dim (the message names it); or onnxruntime fails while running.
     """
+    if not isinstance(inputs, Mapping):
+        raise InputError(f"inputs must be a mapping of input name to array, not {type(inputs).__name__}")
     if isinstance(model, (bytes, bytearray, memoryview)) and len(model) > PROTO_LIMIT:
         raise InputError(f"{_label(model)} is over 2 GiB; onnxruntime can only load such a model from a path")
     tmpdir: list[str] = []

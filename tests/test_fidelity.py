@@ -368,3 +368,10 @@ def test_silero_needs_its_sample_rate():
         F.check_models(path, path, x)
     x["sr"] = np.array(16000, np.int64)
     assert F.check_models(path, path, x)[0].rel_l2 == 0.0
+
+
+def test_run_refuses_inputs_that_are_not_a_mapping():
+    from dcformat.demo import bundled
+
+    with pytest.raises(InputError, match="mapping of input name to array, not list"):
+        F.run(str(bundled("lenet300.onnx")), [{"input": np.zeros((1, 1, 28, 28), np.float32)}])
