@@ -37,7 +37,7 @@ from .onnx_ingest import Weight
 from .onnx_rebuild import rebuild
 from .select import LayerRule, Policy
 
-__all__ = ["Target", "Verification", "compress_to_target", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
+__all__ = ["Target", "Verification", "compress_to_target", "Allocator", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
            "SYNTHETIC_WARNING"]
 
 #: Relative errors tried per tensor: 3e-4 (near lossless) to 0.5 (most weights zero), 17 steps of ~1.7x.
@@ -398,64 +398,94 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
     return out
 
 
+class Allocator:
+    """The measurements that do not depend on the target (probe, candidates, sensitivities), made once; then
+    :meth:`solve` for any number of targets. Evaluations of a choice are memoized, so targets share them."""
+
+    def __init__(self, graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Inputs, *,
+                 log: Log | None = None, progress: Callable[[int, int, str], None] | None = None):
+        t0 = time.perf_counter()
+        self.say = say = log or (lambda _m: None)
+        self.probe = probe = Probe(graph, weights, inputs)
+        comp = _compressible(weights, policy)
+        self.fixed = [w.name for w in comp if w.name not in probe.lifted]
+        self.tensors = [w for w in comp if w.name in probe.lifted]
+        say(f"probe: {len(self.tensors)} tensors fed as inputs, {len(self.fixed)} kept at the policy's settings")
+        self.cands = {w.name: candidates(np.asarray(w.array)) for w in self.tensors}
+        say(f"candidates: {sum(len(c) for c in self.cands.values())} in {time.perf_counter() - t0:.1f} s")
+        sens = sensitivity(probe, self.tensors, progress=progress)
+        self.s = {n: (d / sq if sq > 0 else 0.0) for n, (d, sq) in sens.items()}
+        say(f"sensitivity: {len(sens)} runs, {time.perf_counter() - t0:.1f} s")
+        self.arrays = {w.name: w.array for w in self.tensors}
+        self.setup_seconds = time.perf_counter() - t0
+        self._outputs: dict[tuple, list[dict[str, np.ndarray]]] = {}
+
+    def choose(self, lam: float) -> dict[str, Candidate]:
+        return {n: min(cs, key=lambda c: c.bits + lam * self.s[n] * c.sq_error) for n, cs in self.cands.items()}
+
+    def _outputs_of(self, choice: Mapping[str, Candidate], margin: float) -> list[dict[str, np.ndarray]]:
+        key = (margin, tuple(sorted((n, c.per_channel, c.rel_error) for n, c in choice.items())))
+        if key not in self._outputs:
+            replaced = {}
+            for n, c in choice.items():
+                x = np.asarray(self.arrays[n])
+                v = _values(x, c)
+                replaced[n] = v if margin == 1.0 else (x + margin * (v.astype(x.dtype) - x)).astype(x.dtype)
+            self._outputs[key] = self.probe._run(replaced)
+        return self._outputs[key]
+
+    def measure(self, choice: Mapping[str, Candidate], target: Target, margin: float) -> tuple[bool, list]:
+        outputs = self._outputs_of(choice, margin)
+        fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(self.probe.reference, outputs)])
+        return target.met(fids, self.probe.reference, outputs), fids
+
+    def solve(self, target: Target, *, margin: float | None = None) -> Allocation:
+        """The smallest allocation found that meets ``target`` on the calibration inputs."""
+        t0 = time.perf_counter()
+        runs0 = self.probe.runs
+        say = self.say
+        if margin is None:
+            margin = DISCRETE_MARGIN if target.metric in ("task", "top1") else 1.0
+
+        def measure(choice):
+            return self.measure(choice, target, margin)
+
+        # Bisection on log(lam): larger lam = more bits, less distortion. Bracket from 1 to 1e16 bits per unit.
+        lo, hi = 0.0, 16.0
+        best: tuple[dict[str, Candidate], list] | None = None
+        finest = {n: min(cs, key=lambda c: c.sq_error) for n, cs in self.cands.items()}
+        for _ in range(SEARCH_STEPS):
+            mid = round((lo + hi) / 2, 3)
+            choice = self.choose(10.0 ** mid)
+            ok, fids = measure(choice)
+            size = sum(c.bits for c in choice.values()) / 8
+            say(f"  lam=1e{mid:.2f}: {size / 1e6:.3f} MB estimated, worst rel L2 "
+                f"{max((f.rel_l2 for f in fids), default=0):.2e}, {'meets' if ok else 'misses'} {target}")
+            if ok:
+                hi, best = mid, (choice, fids)
+            else:
+                lo = mid
+        met = best is not None
+        if best is None:
+            best = (finest, measure(finest)[1])
+            say(f"  no multiplier met {target}; using the finest candidates")
+        choice, fids = best
+        if best[0] is not finest:
+            choice, fids = _refine(dict(choice), fids, self.cands, measure, target, say)
+        chosen = [TensorChoice(w.name, int(w.array.size), self.s[w.name], choice[w.name]) for w in self.tensors]
+        return Allocation(target, chosen, self.fixed, fids, met, int(sum(c.bits for c in choice.values()) / 8),
+                          self.probe.runs - runs0, time.perf_counter() - t0)
+
+
 def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Inputs,
              target: Target, *, log: Log | None = None, margin: float | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> Allocation:
     """Choose per-tensor grid settings for the smallest file meeting ``target`` on ``inputs``."""
-    t0 = time.perf_counter()
-    say = log or (lambda _m: None)
-    probe = Probe(graph, weights, inputs)
-    comp = _compressible(weights, policy)
-    fixed = [w.name for w in comp if w.name not in probe.lifted]
-    tensors = [w for w in comp if w.name in probe.lifted]
-    say(f"probe: {len(tensors)} tensors fed as inputs, {len(fixed)} kept at the policy's settings")
-    cands = {w.name: candidates(np.asarray(w.array)) for w in tensors}
-    say(f"candidates: {sum(len(c) for c in cands.values())} in {time.perf_counter() - t0:.1f} s")
-    sens = sensitivity(probe, tensors, progress=progress)
-    s = {n: (d / sq if sq > 0 else 0.0) for n, (d, sq) in sens.items()}
-    say(f"sensitivity: {len(sens)} runs, {time.perf_counter() - t0:.1f} s")
-
-    def choose(lam: float) -> dict[str, Candidate]:
-        return {n: min(cs, key=lambda c: c.bits + lam * s[n] * c.sq_error) for n, cs in cands.items()}
-
-    arrays = {w.name: w.array for w in tensors}
-
-    if margin is None:
-        margin = DISCRETE_MARGIN if target.metric in ("task", "top1") else 1.0
-
-    def measure(choice: Mapping[str, Candidate]) -> tuple[bool, list[fidelity.OutputFidelity]]:
-        replaced = {}
-        for n, c in choice.items():
-            x = np.asarray(arrays[n])
-            v = _values(x, c)
-            replaced[n] = v if margin == 1.0 else (x + margin * (v.astype(x.dtype) - x)).astype(x.dtype)
-        return probe.meets(replaced, target)
-
-    # Bisection on log(lam): larger lam = more bits, less distortion. Bracket from 1 to 1e16 bits per unit.
-    lo, hi = 0.0, 16.0
-    best: tuple[dict[str, Candidate], list] | None = None
-    finest = {n: min(cs, key=lambda c: c.sq_error) for n, cs in cands.items()}
-    for _ in range(SEARCH_STEPS):
-        mid = (lo + hi) / 2
-        choice = choose(10.0 ** mid)
-        ok, fids = measure(choice)
-        size = sum(c.bits for c in choice.values()) / 8
-        say(f"  lam=1e{mid:.2f}: {size / 1e6:.3f} MB estimated, worst rel L2 "
-            f"{max((f.rel_l2 for f in fids), default=0):.2e}, {'meets' if ok else 'misses'} {target}")
-        if ok:
-            hi, best = mid, (choice, fids)
-        else:
-            lo = mid
-    met = best is not None
-    if best is None:
-        best = (finest, measure(finest)[1])
-        say(f"  no multiplier met {target}; using the finest candidates")
-    choice, fids = best
-    if best[0] is not finest:
-        choice, fids = _refine(dict(choice), fids, cands, measure, target, say)
-    chosen = [TensorChoice(w.name, int(w.array.size), s[w.name], choice[w.name]) for w in tensors]
-    return Allocation(target, chosen, fixed, fids, met, int(sum(c.bits for c in choice.values()) / 8),
-                      probe.runs, time.perf_counter() - t0)
+    a = Allocator(graph, weights, policy, inputs, log=log, progress=progress)
+    result = a.solve(target, margin=margin)
+    result.evaluations = a.probe.runs
+    result.seconds += a.setup_seconds
+    return result
 
 
 def _refine(choice: dict[str, Candidate], fids, cands: Mapping[str, list[Candidate]], measure, target: Target,

@@ -1,0 +1,149 @@
+"""tools/bench.py: the matched-fidelity search, the task scores, and one real bench run on the bundled LeNet-300-100."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench  # noqa: E402
+from bench import Bound, DczPoint, Fidelity, Task  # noqa: E402
+
+
+def test_ctc_strings_merge_repeats_and_drop_blanks():
+    # classes per step: 0 is blank. [3, 3, 0, 3, 5, 5, 0] -> (3, 3, 5); [0, 0, 0, ...] -> ()
+    seq = np.array([[3, 3, 0, 3, 5, 5, 0], [0, 0, 0, 0, 0, 0, 0]])
+    scores = np.eye(6, dtype=np.float32)[seq]  # [N=2, T=7, C=6]
+    assert bench._ctc_strings(scores, time_major=False) == [(3, 3, 5), ()]
+    assert bench._ctc_strings(scores.transpose(1, 0, 2), time_major=True) == [(3, 3, 5), ()]
+
+
+def test_task_scores():
+    seq = np.array([[1, 0, 2], [2, 2, 0]])
+    ref = {"y": np.eye(3, dtype=np.float32)[seq]}
+    other = np.array([[1, 1, 2], [2, 0, 1]])  # the first decodes the same (1, 2), the second does not
+    out = {"y": np.eye(3, dtype=np.float32)[other]}
+    assert bench._task_score(Task("ctc"), ref, out, None, None) == 0.5
+    p_ref, p_out = {"p": np.array([[0.9], [0.2], [0.6]])}, {"p": np.array([[0.8], [0.3], [0.4]])}
+    assert bench._task_score(Task("threshold"), p_ref, p_out, None, None) == pytest.approx(2 / 3)
+    logits = {"l": np.array([[0.1, 0.9], [0.8, 0.2]])}
+    assert bench._task_score(Task("accuracy"), logits, logits, np.array([1, 1]), None) == 0.5
+    assert bench._task_score(None, logits, logits, None, 1.0) is None
+
+
+def test_bound_met_by():
+    b = Bound(1e-2, 1.0, "x")
+    assert b.met_by(Fidelity(1e-2, None, 1.0))
+    assert not b.met_by(Fidelity(1.1e-2, None, 1.0))
+    assert not b.met_by(Fidelity(1e-3, None, 0.99))
+    assert not b.met_by(Fidelity(float("nan"), None, 1.0))
+    assert not b.met_by(Fidelity(1e-3, None, None))  # a bound with a task needs a task score
+    assert Bound(1e-2, None, "y").met_by(Fidelity(1e-3, 0.5, None))
+
+
+class _Synthetic(bench.ModelUnderTest):
+    """A model whose rel L2 is 2 * rel_error and whose size falls with rel_error; counts evaluations."""
+
+    def __init__(self):  # no model, no inputs
+        self.points, self.search_s, self.calls = {}, 0.0, 0
+        self.reference = Fidelity(0.0, None, 1.0)
+
+    def dcz_point(self, rel_error):
+        key = float(f"{rel_error:.6g}")
+        if key not in self.points:
+            self.calls += 1
+            self.points[key] = DczPoint(key, int(1e6 / (1 + 100 * key)), Fidelity(2 * key, None, 1.0))
+        return self.points[key]
+
+
+@pytest.mark.parametrize("target", [1e-4, 3e-3, 2e-2, 0.3])
+def test_dcz_at_fidelity_finds_the_largest_rel_error_meeting_the_bound(target):
+    m = _Synthetic()
+    p = bench.dcz_at_fidelity(m, Bound(2 * target, 1.0, "t"))
+    assert p is not None and p.fidelity.rel_l2 <= 2 * target
+    # bisection leaves it within BRACKET_FACTOR ** (1 / 2 ** BISECT_STEPS) of the true answer
+    assert p.rel_error >= target / bench.BRACKET_FACTOR ** (1 / 2 ** bench.BISECT_STEPS) * (1 - 1e-9)
+    assert p.dcz_bytes == min(q.dcz_bytes for q in m.points.values() if q.fidelity.rel_l2 <= 2 * target)
+    assert m.calls <= 12
+    calls = m.calls  # asking again costs nothing: everything is memoized
+    assert bench.dcz_at_fidelity(m, Bound(2 * target, 1.0, "t")) == p and m.calls <= calls + 1
+
+
+def test_dcz_at_fidelity_unreachable_and_edges():
+    m = _Synthetic()
+    assert bench.dcz_at_fidelity(m, Bound(1e-6, 1.0, "t")) is None  # below 2 * REL_ERROR_MIN
+    p = bench.dcz_at_fidelity(m, Bound(10.0, 1.0, "t"))  # everything passes: the coarsest allowed
+    assert p.rel_error == bench.REL_ERROR_MAX
+    assert bench.dcz_at_fidelity(m, Bound(1.0, 1.01, "t")) is None  # the task score can never be reached
+
+
+def test_matching_bound_caps_task_at_the_original_and_treats_lossless_as_the_bar():
+    m = _Synthetic()
+    m.reference = Fidelity(0.0, None, 0.976)
+    assert m.matching(Fidelity(5e-3, None, 0.98), "alt") == Bound(5e-3, 0.976, "alt")
+    assert m.matching(Fidelity(5e-3, None, 0.95), "alt").task == 0.95
+    lossless = m.matching(Fidelity(0.0, None, 0.976), "alt")
+    assert (lossless.rel_l2, lossless.task) == (bench.BAR_REL_L2, 0.976)
+
+
+def test_bench_lenet300_end_to_end(tmp_path):
+    from dcformat.demo import bundled
+
+    r = bench.bench_model("lenet300", bundled("lenet300.onnx"), ["default"], tmp_path)
+    r = json.loads(json.dumps(r))  # JSON-ready
+    (s,) = r["settings"]
+    assert r["original_bytes"] == bundled("lenet300.onnx").stat().st_size
+    assert 0 < s["dcz_bytes"] < r["original_bytes"] and s["ratio"] == pytest.approx(r["original_bytes"] / s["dcz_bytes"])
+    parts = s["codes_bits"] + s["positions_bits"] + s["codebook_raw_bits"] + s["overhead_bits"]
+    assert s["bits_per_weight"] == pytest.approx(parts, rel=0.05)
+    assert 0 <= s["huffman_over_entropy"] < 0.5
+    f = s["fidelity"]
+    assert 0 <= f["rel_l2"] <= bench.BAR_REL_L2 and f["task"] == f["accuracy"] >= 0.9
+    assert f["accuracy"] >= f["accuracy_original"] - 0.01
+    for k in ("compress_s", "decompress_s", "compress_peak_rss", "decompress_peak_rss"):
+        assert s[k] > 0
+    assert s["compress_peak_rss"] > 20e6  # a Python process with numpy and onnx
+    a = r["alternatives"]
+    assert r["original_bytes"] * 0.8 < a["xz9"] < r["original_bytes"]  # float weights barely compress losslessly
+    assert 0 < a["int8"] < r["original_bytes"] / 3 and 0 < a["int8_fidelity"]["rel_l2"] < 0.1
+    names = [p["alternative"] for p in r["matched"]]
+    assert names == ["zstd -19", "xz -9", "int8", "int8 + zstd -19"] if a["zstd19"] else names[1:3] == ["xz -9", "int8"]
+    for p in r["matched"]:
+        d = p["dcz"]
+        assert d is not None, p
+        assert Bound(**p["bound"]).met_by(Fidelity(**d["fidelity"]))
+        assert d["dcz_bytes"] in [q["dcz_bytes"] for q in r["search_points"]]
+    bar = r["dcz_at_bar"]
+    assert bar["fidelity"]["rel_l2"] <= bench.BAR_REL_L2 and bar["dcz_bytes"] <= s["dcz_bytes"]
+    md = bench.markdown([r], "# header")
+    assert "| lenet300 | int8 |" in md and "## Matched fidelity" in md and "## At the bar" in md
+
+
+NNCODEC_PY = bench.NNCODEC_VENV / "bin" / "python"
+
+
+@pytest.mark.skipif(not NNCODEC_PY.exists(), reason="NNCodec not installed (bash tools/install_nncodec.sh)")
+def test_nncodec_peer_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    w = {"a": (rng.standard_normal((64, 80)) * 0.05).astype(np.float32), "s": np.float32(2.5),
+         "b": rng.standard_normal(80).astype(np.float32)}
+    np.savez(tmp_path / "w.npz", **w)
+    reqs = "".join(json.dumps({"qp": qp, "out": str(tmp_path / f"d{qp}.npz")}) + "\n" for qp in (-36, -24))
+    out = subprocess.run([str(NNCODEC_PY), str(Path(bench.__file__).with_name("nncodec_peer.py")), str(tmp_path / "w.npz")],
+                         input=reqs, capture_output=True, text=True, check=True, timeout=120)
+    fine, coarse = (json.loads(line) for line in out.stdout.splitlines())
+    assert coarse["bitstream_bytes"] < fine["bitstream_bytes"] < w["a"].nbytes
+    for qp, res in ((-36, fine), (-24, coarse)):
+        with np.load(tmp_path / f"d{qp}.npz") as d:
+            step = 2 ** (qp / 4)
+            rms = float(np.sqrt(np.mean((d["a"] - w["a"]) ** 2)))
+            assert 0.1 * step < rms < step  # a quantizer with this step (uniform rounding: step / sqrt(12))
+            assert np.abs(d["a"] - w["a"]).max() <= 2 * step  # dependent quantization: up to about one step
+            assert d["s"].shape == () and math.isclose(float(d["s"]), 2.5, abs_tol=1e-5)
+            assert np.abs(d["b"] - w["b"]).max() < 1e-4  # rank-1 tensors: near-lossless
