@@ -54,6 +54,9 @@ class _Synthetic(bench.ModelUnderTest):
         self.points, self.search_s, self.calls = {}, 0.0, 0
         self.reference = Fidelity(0.0, None, 1.0)
 
+    def allocator(self):  # no calibration inputs: the search runs on the default policy's rel_error
+        return None
+
     def dcz_point(self, rel_error):
         key = float(f"{rel_error:.6g}")
         if key not in self.points:
