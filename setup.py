@@ -1,7 +1,8 @@
-"""Build hook for the optional C extension; all other metadata is in pyproject.toml.
+"""Build hook for the optional C extensions; all other metadata is in pyproject.toml.
 
-dcformat._huffcode is the fast canonical Huffman coder. It is optional: where it cannot be
-compiled the install still succeeds and dcformat.huffman uses its bitarray coder instead.
+dcformat._huffcode is the fast canonical Huffman coder and dcformat._ranscode the fast rANS coder. Both are
+optional: where they cannot be compiled the install still succeeds and dcformat.huffman / dcformat.rans use
+their fallback coders instead.
 """
 
 from setuptools import Extension, setup
@@ -12,6 +13,11 @@ setup(
             "dcformat._huffcode",
             sources=["dcformat/_huffcode.c"],
             optional=True,  # no compiler -> pure-Python install, same results, slower
-        )
+        ),
+        Extension(
+            "dcformat._ranscode",
+            sources=["dcformat/_ranscode.c"],
+            optional=True,  # no compiler -> the Python reference coder in dcformat/rans.py, same bytes, slower
+        ),
     ]
 )

@@ -1,4 +1,4 @@
-"""Tensor codec: runs the stages prune -> quantize -> sparse positions -> Huffman for one
+"""Tensor codec: runs the stages prune -> quantize -> sparse positions -> Huffman or rANS for one
 tensor and chooses its layout; and the mirror path, one tensor from its streams.
 
 :func:`write_dcz` and :func:`read_dcz` are the file-level entry points: named tensors
@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from . import huffman, prune, quantize, sparse
+from . import huffman, prune, quantize, rans, sparse
 from .constants import (
     FLOAT_DTYPES,
     GRID_AXIS_NONE,
@@ -55,6 +55,9 @@ DEFAULT_EC_LAMBDA = 0.05
 #: the zero code under one bit, i.e. when zeros are more than half, and trying it costs 8 bytes per element.
 SPARSE_MAX_DENSITY = 0.5
 QUANTIZERS = ("kmeans", "uniform", "eckmeans")
+#: rANS is coded to compare when its estimate is under Huffman's size plus this: the coded size is the
+#: estimate -5..+2 bytes (rans.ESTIMATE_SLACK); 8 leaves room, and a needless rANS encode is cheap.
+RANS_ESTIMATE_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -204,28 +207,46 @@ def _mask(values: np.ndarray, s: CompressSettings, name: str) -> np.ndarray:
 
 
 class _Symbols(NamedTuple):
-    """A symbol stream with its histogram and Huffman table, built once and used for the layout choice,
-    the encoding and the entropy figure."""
+    """A symbol stream with its histogram, Huffman table and rANS table, built once and used for the layout
+    choice, the encoding and the entropy figure."""
 
     symbols: np.ndarray
     alphabet: int
     freq: np.ndarray
     table: huffman.HuffmanTable
+    huffman_size: int
+    rans_model: tuple[rans.RansModel, int] | None  # (table, estimated stream bytes); None: cannot beat Huffman
 
     @classmethod
     def of(cls, symbols: np.ndarray, alphabet: int) -> "_Symbols":
         freq = huffman.histogram(symbols, alphabet)
-        return cls(symbols, alphabet, freq, huffman.build_table(freq))
+        table = huffman.build_table(freq)
+        size = huffman.encoded_size(freq, table, alphabet)
+        return cls(symbols, alphabet, freq, table, size, rans.build_model(freq, alphabet, bound=size))
 
     @property
     def size(self) -> int:
-        return huffman.encoded_size(self.freq, self.table, self.alphabet)
+        """Bytes of the stream in the smaller coding (rANS's estimated, within a few bytes)."""
+        return min(self.huffman_size, self.rans_model[1]) if self.rans_model else self.huffman_size
 
 
 def _huffman_stream(kind: StreamKind, sym: _Symbols) -> tuple[StreamEntry, bytes]:
-    payload, _, _ = huffman.encode_stream(sym.symbols, sym.alphabet, sym.table)
+    """The stream in the smaller coding: rANS when its coded size is below Huffman's (exact, known without
+    coding), else Huffman."""
     ent = math.ceil(huffman.entropy_bits(sym.freq))
+    if sym.rans_model is not None and sym.rans_model[1] < sym.huffman_size + RANS_ESTIMATE_MARGIN:
+        payload = rans.encode_stream(sym.symbols, sym.alphabet, sym.rans_model[0])
+        if len(payload) < sym.huffman_size:
+            return StreamEntry(kind, Coding.RANS, len(payload), crc32(payload), ent), payload
+    payload, _, _ = huffman.encode_stream(sym.symbols, sym.alphabet, sym.table)
     return StreamEntry(kind, Coding.HUFFMAN, len(payload), crc32(payload), ent), payload
+
+
+def _decode_symbols(stream: StreamEntry, payload: bytes, count: int, alphabet: int, what: str) -> np.ndarray:
+    """The symbols of a CODES or POSITIONS stream in its coding."""
+    if stream.coding == Coding.RANS:
+        return rans.decode_stream(payload, count, alphabet, what)
+    return huffman.decode_stream(payload, count, alphabet, what)
 
 
 def _with_zero(codebook: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +404,7 @@ def decode_tensor(entry: TensorEntry, payloads: list[bytes]) -> np.ndarray:
                 raise CorruptError(f"tensor {entry.name!r}: BOOL element byte {top} is not 0 or 1")
         return np.frombuffer(payloads[0], dtype=np_dtype, count=entry.numel).reshape(entry.shape).copy()
     what = f"tensor {entry.name!r}"
-    codes = huffman.decode_stream(payloads[1], entry.nnz, entry.codebook_size, f"{what} codes")
+    codes = _decode_symbols(entry.streams[1], payloads[1], entry.nnz, entry.codebook_size, f"{what} codes")
     if entry.streams[0].coding == Coding.GRID:
         if entry.layout == Layout.DENSE:
             return _check_zeros(entry, _grid_decode(entry, payloads[0], codes.reshape(entry.shape), None))
@@ -391,7 +412,9 @@ def decode_tensor(entry: TensorEntry, payloads: list[bytes]) -> np.ndarray:
         codebook = _plain_codebook(entry, payloads[0])
         if entry.layout == Layout.DENSE:
             return _check_zeros(entry, codebook[codes].reshape(entry.shape))
-    entries = huffman.decode_stream(payloads[2], entry.position_entries, 1 << entry.index_bits, f"{what} positions")
+    entries = _decode_symbols(
+        entry.streams[2], payloads[2], entry.position_entries, 1 << entry.index_bits, f"{what} positions"
+    )
     positions = sparse.decode_positions(entries, entry.index_bits, entry.numel, f"{what} positions")
     if positions.size != entry.nnz:
         raise CorruptError(f"{what}: position stream places {positions.size} elements, the record says {entry.nnz}")

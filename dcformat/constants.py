@@ -115,6 +115,7 @@ class Coding(enum.IntEnum):
     PLAIN = 0  # little-endian values of the stream's natural width
     HUFFMAN = 1  # canonical Huffman table + MSB-first bitstream
     GRID = 2  # (1.1) a codebook given as integer levels times per-tensor or per-channel scales
+    RANS = 3  # (1.1) a quantized frequency table + two interleaved rANS states and 16-bit words
 
 
 class TensorKind(enum.IntEnum):
@@ -137,12 +138,12 @@ LAYOUT_STREAMS: dict[Layout, tuple[StreamKind, ...]] = {
     Layout.DENSE: (StreamKind.CODEBOOK, StreamKind.CODES),
     Layout.SPARSE: (StreamKind.CODEBOOK, StreamKind.CODES, StreamKind.POSITIONS),
 }
-#: The codings each stream kind may use (GRID since 1.1).
+#: The codings each stream kind may use (GRID and RANS since 1.1).
 STREAM_CODINGS: dict[StreamKind, frozenset[Coding]] = {
     StreamKind.RAW: frozenset({Coding.PLAIN}),
     StreamKind.CODEBOOK: frozenset({Coding.PLAIN, Coding.GRID}),
-    StreamKind.CODES: frozenset({Coding.HUFFMAN}),
-    StreamKind.POSITIONS: frozenset({Coding.HUFFMAN}),
+    StreamKind.CODES: frozenset({Coding.HUFFMAN, Coding.RANS}),
+    StreamKind.POSITIONS: frozenset({Coding.HUFFMAN, Coding.RANS}),
 }
 
 # --- Limits -----------------------------------------------------------------------------------
@@ -156,6 +157,17 @@ MAX_INDEX_BITS = 16
 #: Longest Huffman codeword. Bounds the decoder's work per symbol and the table size;
 #: 24 bits lose nothing measurable against unlimited Huffman on 2**16 symbols.
 MAX_CODE_LENGTH = 24
+#: rANS frequency-table precision (total = 2**scale), smallest: a two-symbol table needs one bit.
+RANS_MIN_SCALE = 1
+#: rANS precision, largest: the renormalisation bound freq << (32 - scale) must fit the 32-bit state with
+#: 16-bit words, and the decoder's table of 2**scale slots (8 bytes each) stays at 512 KiB.
+RANS_MAX_SCALE = 16
+#: rANS states interleaved in one stream (symbol i uses state i mod 2): two dependency chains per decode loop.
+RANS_STATES = 2
+#: Lower bound of every rANS state, its initial and final value: 32-bit states, renormalised by 16-bit words.
+RANS_STATE_LOW = 1 << 16
+#: Bytes of a rANS frequency varint: values up to 2**RANS_MAX_SCALE need 17 bits, three 7-bit groups.
+RANS_MAX_VARINT_BYTES = 3
 #: Largest |level| of a GRID codebook: integers up to 2**24 are exact in binary32, where levels are multiplied.
 GRID_MAX_LEVEL = 1 << 24
 #: GRID codebook payload: u8 axis, 3 reserved bytes, i32 q_min, then one f32 scale per slice.

@@ -11,7 +11,7 @@ from dcformat.codec import read_dcz
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
-GOLDEN_SHA256 = "bf360c14d1161ffeaa1f65c0f715390d462a1ef33801c5e8c000e8a6bcf384fb"
+GOLDEN_SHA256 = "c399f4f68abe717187de0f014ab7937416d43fc6dc3f173ac9bf6932ee9cd450"
 
 
 def test_golden_bytes_are_pinned():

@@ -2,7 +2,8 @@
 
     python tools/bench_codec.py [--weights 50000000] [--huffman-symbols 13500000] [--repeat 3]
                                 [--model .cache/models/common.onnx] [--skip-codec] [--skip-huffman]
-    DCZ_PURE_PYTHON=1 python tools/bench_codec.py ...      # the bitarray fallback coder only
+                                [--skip-rans] [--rans-python-symbols 1000000]
+    DCZ_PURE_PYTHON=1 python tools/bench_codec.py ...      # the fallback coders only
     taskset -c 0 python tools/bench_codec.py ...           # one core
 
 Sections:
@@ -10,6 +11,10 @@ Sections:
 * Huffman: encode_stream / decode_stream of a symbol stream alone, with each available coder
   (the C extension dcformat._huffcode and the bitarray fallback); MB/s counts 4 bytes per symbol,
   the float32 weight each code stands for.
+* rANS: the same streams plus a peaked one (85% zeros), with dcformat.rans.encode_stream /
+  decode_stream: the C extension dcformat._ranscode and the Python reference coder (on the first
+  --rans-python-symbols symbols only: it runs a Python loop per symbol). Shows bits/symbol against
+  the entropy and Huffman's, the table scale the writer chose, and M symbols/s.
 * Codec: encode_tensor (prune + quantize + positions + Huffman) and decode_tensor of one normally
   distributed float32 tensor at (sparsity 0.9, 5 bits), (sparsity 0, 8 bits) and the uniform grid.
 * Model (with --model): dcz compress and dcz decompress of a real ONNX model at default settings
@@ -34,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcformat import api, codec, huffman  # noqa: E402
+from dcformat import api, codec, huffman, rans  # noqa: E402
 
 
 def _best(fn, repeat: int):
@@ -75,6 +80,41 @@ def bench_huffman(n: int, repeat: int, seed: int) -> None:
                       f"{mb / dec:>7.0f} {n / dec / 1e6:>7.0f} {dec_cpu:>9.3f}")
     finally:
         huffman._native = saved
+
+
+def _streams(n: int, seed: int) -> dict[str, tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(seed)
+    return {
+        "5-bit codes (normal)": (np.clip(np.round(rng.normal(16, 4, n)), 0, 31).astype(np.uint16), 32),
+        "8-bit codes (normal)": (np.clip(np.round(rng.normal(128, 30, n)), 0, 255).astype(np.uint16), 256),
+        "4-bit gaps (geometric)": ((rng.geometric(0.3, n) - 1).clip(0, 15).astype(np.uint16), 16),
+        "grid, 85% zeros": (np.clip(np.round(rng.normal(8, 0.35, n)), 0, 16).astype(np.uint16), 17),
+    }
+
+
+def bench_rans(n: int, n_python: int, repeat: int, seed: int) -> None:
+    coders = [("native", rans._native, n)] if rans._native is not None else []
+    coders.append(("python", None, min(n, n_python)))
+    saved = rans._native
+    print(f"\n## rANS coder alone: {n:,} symbols (Python coder: {min(n, n_python):,}); Msym/s = million symbols/s")
+    print(f"{'stream':<24} {'coder':<7} {'H bits':>7} {'Huff':>7} {'rANS':>7} {'scale':>5} {'enc s':>7} {'Msym/s':>7} "
+          f"{'dec s':>7} {'Msym/s':>7} {'dec cpu s':>9}")
+    try:
+        for label, (symbols, alphabet) in _streams(n, seed).items():
+            for name, module, m in coders:
+                rans._native = module
+                part = symbols[:m]
+                freq = huffman.histogram(part, alphabet)
+                model, _ = rans.build_model(freq, alphabet)
+                huff = huffman.encoded_size(freq, huffman.build_table(freq), alphabet)
+                data, enc, _ = _best(lambda: rans.encode_stream(part, alphabet, model), repeat)
+                out, dec, dec_cpu = _best(lambda: rans.decode_stream(data, m, alphabet, "bench"), repeat)
+                assert np.array_equal(out, part)
+                print(f"{label:<24} {name:<7} {huffman.entropy_bits(freq) / m:>7.3f} {8 * huff / m:>7.3f} "
+                      f"{8 * len(data) / m:>7.3f} {model.scale:>5} {enc:>7.3f} {m / enc / 1e6:>7.1f} {dec:>7.3f} "
+                      f"{m / dec / 1e6:>7.1f} {dec_cpu:>9.3f}")
+    finally:
+        rans._native = saved
 
 
 def bench_codec(n: int, seed: int) -> None:
@@ -133,13 +173,15 @@ def bench_model(model: Path, repeat: int) -> None:
               f"{dcz.stat().st_size:,} bytes")
         runs = []
         for _ in range(repeat):
-            with _Timed(huffman, "decode_stream") as huff, _Timed(codec, "decode_tensor") as tensors:
+            with _Timed(huffman, "decode_stream") as huff, _Timed(rans, "decode_stream") as ra, \
+                    _Timed(codec, "decode_tensor") as tensors:
                 w0, c0 = time.perf_counter(), time.process_time()
                 api.decompress(dcz, onnx_out, overwrite=True)
-                runs.append((time.perf_counter() - w0, time.process_time() - c0, huff.seconds, tensors.seconds))
-        wall, cpu, huff_s, tensor_s = min(runs)
+                runs.append((time.perf_counter() - w0, time.process_time() - c0, huff.seconds, ra.seconds,
+                             tensors.seconds))
+        wall, cpu, huff_s, rans_s, tensor_s = min(runs)
         print(f"decompress {wall:>6.2f} s ({cpu:.2f} s CPU)  {mb / wall:>6.1f} MB/s   "
-              f"of which Huffman decode {huff_s:.3f} s, decode_tensor in all {tensor_s:.3f} s, "
+              f"of which Huffman decode {huff_s:.3f} s, rANS decode {rans_s:.3f} s, decode_tensor in all {tensor_s:.3f} s, "
               f"the rest (read, rebuild, save) {wall - tensor_s:.3f} s")
 
 
@@ -151,6 +193,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="also time compress/decompress of this ONNX model")
     ap.add_argument("--skip-codec", action="store_true")
     ap.add_argument("--skip-huffman", action="store_true")
+    ap.add_argument("--skip-rans", action="store_true")
+    ap.add_argument("--rans-python-symbols", type=int, default=1_000_000,
+                    help="symbols the Python rANS coder is timed on (it loops per symbol)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(f"# command: {'DCZ_PURE_PYTHON=1 ' if os.environ.get('DCZ_PURE_PYTHON') else ''}"
@@ -158,9 +203,12 @@ def main() -> None:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"# python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} cpus ({affinity} usable), load average {os.getloadavg()[0]:.1f}, "
-          f"Huffman coder: {'C extension' if huffman.native_coder() else 'bitarray fallback'}")
+          f"Huffman coder: {'C extension' if huffman.native_coder() else 'bitarray fallback'}, "
+          f"rANS coder: {'C extension' if rans.native_coder() else 'Python fallback'}")
     if not args.skip_huffman:
         bench_huffman(args.huffman_symbols, args.repeat, args.seed)
+    if not args.skip_rans:
+        bench_rans(args.huffman_symbols, args.rans_python_symbols, args.repeat, args.seed)
     if not args.skip_codec:
         bench_codec(args.weights, args.seed)
     if args.model is not None:

@@ -151,6 +151,9 @@ def annotate(data: bytes, title: str = "file") -> str:
                 for j in range(0, length, step):
                     value = struct.unpack_from("<" + np_dtype.char, data, p + j)[0]
                     d.field(p + j, step, f"{label}[{j // step}]", repr(value))
+            elif coding == Coding.RANS:
+                alphabet = quant[0] if kind == StreamKind.CODES else 1 << quant[2]
+                _annotate_rans(d, data, p, length, 1 if alphabet <= 256 else 2, label)
             else:
                 alphabet = quant[0] if kind == StreamKind.CODES else 1 << quant[2]
                 width = 1 if alphabet <= 256 else 2
@@ -180,7 +183,8 @@ def annotate(data: bytes, title: str = "file") -> str:
         "The source tensors are in `tests/data/tiny_source.npz`: `conv.w` (4x8 float32, four distinct values,",
         "2-bit codebook, DENSE), `fc.w` (64 float32, 58 zeros, 2-bit codebook, 3-bit relative indices, SPARSE) and",
         "`grid.w` (3x16 float32 on a per-row grid, GRID codebook, DENSE) and",
-        "`shape` (int64, RAW). Multi-byte values are little-endian; bitstreams are shown MSB first.",
+        "`shape` (int64, RAW). Each CODES and POSITIONS stream is HUFFMAN or RANS, whichever the writer found smaller.",
+        "Multi-byte values are little-endian; Huffman bitstreams are shown MSB first, rANS words as u16 values.",
         "",
         f"File size: {len(data)} bytes.",
         "",
@@ -191,6 +195,40 @@ def annotate(data: bytes, title: str = "file") -> str:
         hexs = raw.hex(" ") if len(raw) <= 16 else raw[:16].hex(" ") + f" … ({len(raw)} bytes)"
         out.append(f"| {off} | `{hexs}` | {name} | {value.replace('|', '/')} |")
     return "\n".join(out) + "\n"
+
+
+def _annotate_rans(d, data: bytes, p: int, length: int, width: int, label: str) -> None:
+    """Rows of one rANS stream (spec section 7): header, symbol range, frequency varints, states, words."""
+    (scale,) = d.fmt(p, "B", f"{label} scale", lambda v: f"{v} (frequencies sum to {1 << v})")
+    d.fmt(p + 1, "B", f"{label} reserved")
+    sym = "B" if width == 1 else "H"
+    (first,) = d.fmt(p + 2, sym, f"{label} first symbol")
+    (last,) = d.fmt(p + 2 + width, sym, f"{label} last symbol")
+    q = p + 2 + 2 * width
+    shown, symbol, marker = [], first, False
+    while symbol <= last:  # unsigned LEB128 varints: a frequency, or 0 then the length of a run of absent symbols
+        value, shift = 0, 0
+        while True:
+            byte = data[q]
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            q += 1
+            if byte < 0x80:
+                break
+        if marker:
+            shown.append(f"{symbol}..{symbol + value - 1}: absent")
+            symbol += value
+        elif value:
+            shown.append(f"{symbol}: {value}")
+            symbol += 1
+        marker = not marker and value == 0
+    d.field(p + 2 + 2 * width, q - (p + 2 + 2 * width), f"{label} frequencies (varints)", ", ".join(shown))
+    d.fmt(q, "I", f"{label} state x0")
+    d.fmt(q + 4, "I", f"{label} state x1")
+    q += 8
+    words = [int.from_bytes(data[j : j + 2], "little") for j in range(q, p + length - 1, 2)]
+    d.field(q, p + length - q, f"{label} words (u16, decoder order)",
+            " ".join(f"0x{w:04x}" for w in words) or "(none)")
 
 
 def main() -> None:
