@@ -51,6 +51,13 @@ SEARCH_STEPS = 12
 #: and held-out items fall over it. Candidates are therefore judged with their weight error scaled by this factor:
 #: the file keeps a margin (measured: digits-mlp held-out agreement 97.8% without it).
 DISCRETE_MARGIN = 2.0
+#: Ops whose float inputs are weights in the numeric sense: the allocation may round small tensors (biases,
+#: norm parameters) only when every consumer is one of these. Others (Resize, Pad, Range...) can take floats that
+#: steer shapes or indices, where any rounding breaks the graph.
+WEIGHT_CONSUMERS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "BatchNormalization", "LSTM", "GRU",
+    "RNN", "InstanceNormalization", "LayerNormalization", "PRelu", "Gather", "Einsum",
+})
 #: Refinement: at most this many of the largest tensors, until they hold this share of the estimated bits.
 REFINE_TENSORS = 8
 REFINE_SHARE = 0.9
@@ -371,10 +378,14 @@ def _compressible(weights: Sequence[Weight], policy: Policy, *, all_sizes: bool 
     """Float tensors the allocation may code: all finite ones except those the user keeps raw by name. Small
     tensors and normalisation parameters are candidates too (``all_sizes``): the allocation keeps them raw when
     that is best."""
+    base = policy
     if all_sizes:
         policy = Policy(**{**_policy_fields(policy), "min_elements": 0, "compress_norm": True})
     out = []
     for w in weights:
+        small = base.settings_for(w.name, w.kind, w.array.size) is None
+        if small and not (w.consumers and set(w.consumers) <= WEIGHT_CONSUMERS):
+            continue  # a small float feeding shape logic (Resize scales, Pad values...) must stay exact
         s = policy.settings_for(w.name, w.kind, w.array.size)
         if s is not None and w.array.dtype.kind == "f" and w.array.size and np.isfinite(w.array).all():
             out.append(w)
@@ -392,7 +403,10 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
         per_channel = x.ndim >= 2 and quantize.channel_axis(x) is not None
         values = _grid(x, per_channel, error)[1]
         sq = float(np.sum((values.astype(np.float64) - x.astype(np.float64)) ** 2))
-        out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
+        try:
+            out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
+        except InputError:  # the graph cannot run with it rounded (e.g. a float that sets a shape): leave it alone
+            pass
         if progress is not None:
             progress(i, len(todo), w.name)
     return out
@@ -414,6 +428,9 @@ class Allocator:
         self.cands = {w.name: candidates(np.asarray(w.array)) for w in self.tensors}
         say(f"candidates: {sum(len(c) for c in self.cands.values())} in {time.perf_counter() - t0:.1f} s")
         sens = sensitivity(probe, self.tensors, progress=progress)
+        self.fixed += [w.name for w in self.tensors if w.name not in sens]
+        self.tensors = [w for w in self.tensors if w.name in sens]
+        self.cands = {w.name: self.cands[w.name] for w in self.tensors}
         self.s = {n: (d / sq if sq > 0 else 0.0) for n, (d, sq) in sens.items()}
         say(f"sensitivity: {len(sens)} runs, {time.perf_counter() - t0:.1f} s")
         self.arrays = {w.name: w.array for w in self.tensors}
