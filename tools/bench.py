@@ -640,7 +640,7 @@ def markdown(results: list[dict], header: str) -> str:
              f"The bar of dcz's default is rel L2 <= {BAR_REL_L2:g} with the task unchanged.", "",
              "## dcz settings", "",
              "| model | task | setting | original | .dcz | ratio | bits/weight (codes+pos+cb/raw+overhead) | "
-             "Huffman vs entropy | rel L2 / task | top-1 / accuracy | compress s (MB/s, peak RSS MB) | "
+             "coded vs entropy | rel L2 / task | top-1 / accuracy | compress s (MB/s, peak RSS MB) | "
              "decompress s (MB/s, peak RSS MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
