@@ -158,20 +158,10 @@ def _fill_slot(t: TensorProto, name: str, field: str, arr: np.ndarray) -> None:
     else:
         # Merge one packed field (tag, varint length, little-endian values): exact bits, no Python floats.
         payload = le.tobytes()
-        t.MergeFromString(_varint(TensorProto.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
-                          + _varint(len(payload)) + payload)
+        t.MergeFromString(encode_varint(TensorProto.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+                          + encode_varint(len(payload)) + payload)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,16 +260,21 @@ def _save_with_external_data(model: onnx.ModelProto, target: Path) -> None:
                 else:
                     t.ClearField("data_location")
             df.close()
-        os.replace(data_tmp, data_path)
-        try:
-            os.replace(model_tmp, target)
-        except BaseException:
-            data_path.unlink(missing_ok=True)
-            raise
+        _install(data_tmp, data_path, model_tmp, target)
     except BaseException:
         data_tmp.unlink(missing_ok=True)
         if model_tmp is not None:
             model_tmp.unlink(missing_ok=True)
+        raise
+
+
+def _install(data_tmp: Path, data_path: Path, model_tmp: Path, target: Path) -> None:
+    """Rename the external data file, then the model, into place; if the model cannot follow, the data goes too."""
+    os.replace(data_tmp, data_path)
+    try:
+        os.replace(model_tmp, target)
+    except BaseException:
+        data_path.unlink(missing_ok=True)
         raise
 
 
@@ -466,12 +461,7 @@ def _write_with_external_data(model: onnx.ModelProto, target: Path, nonce: bytes
             os.fsync(df.fileno())
         model_fd, model_tmp = _temp_beside(target)
         _write_file(model_fd, [model.SerializeToString()])
-        os.replace(data_tmp, data_path)
-        try:
-            os.replace(model_tmp, target)
-        except BaseException:
-            data_path.unlink(missing_ok=True)
-            raise
+        _install(data_tmp, data_path, model_tmp, target)
     except BaseException:
         data_tmp.unlink(missing_ok=True)
         if model_tmp is not None:

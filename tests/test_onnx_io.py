@@ -278,7 +278,7 @@ def test_property_any_bits_roundtrip(case, shape, typed, seed):
             field = onnx_ingest.FLOAT_DTYPES[onnx_dtype][1]
             number = TensorProto.DESCRIPTOR.fields_by_name[field].number
             payload = arr.tobytes()
-            t.MergeFromString(bytes([number << 3 | 2]) + onnx_rebuild._varint(len(payload)) + payload)
+            t.MergeFromString(bytes([number << 3 | 2]) + onnx_ingest.encode_varint(len(payload)) + payload)
     else:
         t = _raw_tensor("w", arr, onnx_dtype)
     model = _model([], [], [helper.make_tensor_value_info("w", onnx_dtype, shape)], [t])
