@@ -437,6 +437,11 @@ class Allocator:
         self.setup_seconds = time.perf_counter() - t0
         self._outputs: dict[tuple, list[dict[str, np.ndarray]]] = {}
 
+    def policy_for(self, choice: Mapping[str, Candidate], base: Policy) -> Policy:
+        """``base`` with ``choice`` as per-tensor rules (what :meth:`Allocation.policy` gives for a solved one)."""
+        chosen = [TensorChoice(w.name, int(w.array.size), self.s[w.name], choice[w.name]) for w in self.tensors]
+        return Allocation(Target("rel_l2", 0.5), chosen, self.fixed, [], False, 0, 0, 0.0).policy(base)
+
     def choose(self, lam: float) -> dict[str, Candidate]:
         return {n: min(cs, key=lambda c: c.bits + lam * self.s[n] * c.sq_error) for n, cs in self.cands.items()}
 

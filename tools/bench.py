@@ -215,17 +215,15 @@ class ModelUnderTest:
             self.search_s += time.perf_counter() - t0
         return self._allocator
 
-    def target_point(self, alloc, rel_l2: float) -> DczPoint:
-        """The file ``--target rel_l2=...`` makes (allocation on the calibration inputs), measured on the test
-        inputs. Memoized; its ``rel_error`` field is the target's rel L2, negated to tell it from grid points."""
-        from dcformat import allocate
-
-        key = -float(f"{rel_l2:.6g}")
+    def target_point(self, alloc, knob: float) -> DczPoint:
+        """The file of the allocation at lambda = 1 / ``knob``, measured on the test inputs. Memoized under
+        ``-knob`` (grid points are under +rel_error)."""
+        key = -float(f"{knob:.6g}")
         if key not in self.points:
             t0 = time.perf_counter()
-            a = alloc.solve(allocate.Target("rel_l2", -key))
             dcz, back = self.tmp / f"{self.name}.target.dcz", self.tmp / f"{self.name}.target.onnx"
-            dcformat.compress(self.path, dcz, a.policy(dcformat.Policy()), overwrite=True)
+            dcformat.compress(self.path, dcz, alloc.policy_for(alloc.choose(1.0 / -key), dcformat.Policy()),
+                              overwrite=True)
             dcformat.decompress(dcz, back, overwrite=True)
             self.points[key] = DczPoint(key, dcz.stat().st_size, self.fidelity(fidelity.run(back, self.feeds)))
             self.search_s += time.perf_counter() - t0
@@ -244,10 +242,15 @@ class ModelUnderTest:
         return self.points[key]
 
 
-#: The --target knob (rel L2 asked of the calibration outputs): where its search starts, and its range.
-TARGET_START = 1e-2
-TARGET_MIN = 1e-6
-TARGET_MAX = 0.9
+#: dcz's knob at matched fidelity: 1 / lambda of the --target allocation (dcformat.allocate.Allocator, measured on
+#: the calibration inputs): each tensor takes the candidate minimising bits + lambda x sensitivity x error^2. This is
+#: the rate-distortion family --target searches (without its final greedy refinement), searched here by test
+#: fidelity like every other setting. Start, range, bracket factor and precision of that search:
+KNOB_START = 1e-10
+KNOB_MIN = 1e-17
+KNOB_MAX = 1.0
+KNOB_BRACKET = 100.0
+KNOB_PRECISION = 1.5
 #: Natural calibration samples per model (distinct seeds of tools/natural_inputs.py's calibration split).
 CALIBRATION_SAMPLES = 8
 
@@ -290,11 +293,12 @@ def dcz_at_fidelity(model: ModelUnderTest, bound: Bound) -> DczPoint | None:
     alloc = model.allocator()
     if alloc is None:
         return _knob_search(model, bound, model.dcz_point, DEFAULT_REL_ERROR, REL_ERROR_MIN, REL_ERROR_MAX, 1)
-    return _knob_search(model, bound, lambda t: model.target_point(alloc, t), TARGET_START, TARGET_MIN, TARGET_MAX, -1)
+    return _knob_search(model, bound, lambda k: model.target_point(alloc, k), KNOB_START, KNOB_MIN, KNOB_MAX, -1,
+                        KNOB_BRACKET, KNOB_PRECISION)
 
 
 def _knob_search(model: ModelUnderTest, bound: Bound, point, start: float, low: float, high: float,
-                 sign: int) -> DczPoint | None:
+                 sign: int, factor: float = BRACKET_FACTOR, precision: float = SEARCH_PRECISION) -> DczPoint | None:
     """The smallest file meeting ``bound`` along a knob where larger means smaller files and lower fidelity.
 
     Start from what earlier searches on ``model`` found (the largest knob known to meet the bound, the smallest
@@ -315,12 +319,12 @@ def _knob_search(model: ModelUnderTest, bound: Bound, point, start: float, low: 
     if lo is None and hi is None:
         lo, hi = (start, None) if ok(start) else (None, start)
     while lo is None and hi > low:
-        down = max(hi / BRACKET_FACTOR, low)
+        down = max(hi / factor, low)
         lo, hi = (down, hi) if ok(down) else (None, down)
     while hi is None and lo is not None and lo < high:
-        up = min(lo * BRACKET_FACTOR, high)
+        up = min(lo * factor, high)
         lo, hi = (up, None) if ok(up) else (lo, up)
-    while lo is not None and hi is not None and hi / lo > SEARCH_PRECISION:
+    while lo is not None and hi is not None and hi / lo > precision:
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     good = [p for p in model.points.values() if p.rel_error * sign > 0 and bound.met_by(p.fidelity)]
@@ -330,7 +334,7 @@ def _knob_search(model: ModelUnderTest, bound: Bound, point, start: float, low: 
 def _setting_cell(d: dict) -> str:
     """How a matched dcz point was made: a --target (negative key) or a plain rel_error grid."""
     r = d["rel_error"]
-    return f"--target rel_l2={-r:.2g}" if r < 0 else f"rel_error {r:.2g}"
+    return f"allocation 1/lambda={-r:.2g}" if r < 0 else f"rel_error {r:.2g}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -706,9 +710,10 @@ def markdown(results: list[dict], header: str) -> str:
 
     lines += ["", "## Matched fidelity", "",
               "For each alternative, the smallest .dcz found whose rel L2 on the test inputs is no worse and whose "
-              "task score is no lower (`dcz_at_fidelity`: `dcz compress --target rel_l2=...` with per-tensor grids "
-              "allocated on the disjoint calibration inputs, tightened until the test inputs agree; `rel_error X` "
-              "marks the plain one-knob search, used where no target file got there). Lossless alternatives are "
+              "task score is no lower (`dcz_at_fidelity`: the `--target` allocation's rate-distortion family, per-tensor "
+              "grids weighted by sensitivities measured on the disjoint calibration inputs, searched along lambda by "
+              "test fidelity; `rel_error X` marks the plain one-knob search of models without calibration inputs). "
+              "Lossless alternatives are "
               "matched at the bar. NNCodec's size is its bitstream plus the weight-less ONNX graph and the tensors "
               "it does not code, xz -9 (the bitstream alone is in the NNCodec table). dcz / alt < 1 means dcz is "
               "smaller.", "",
