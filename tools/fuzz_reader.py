@@ -157,6 +157,18 @@ def seed_files(folder: Path) -> list[Path]:
         TensorInput("bool", np.array([True, False])),
     ], graph=b"opaque", metadata={})
     out.append(p)
+    # Format 1.1: GRID codebooks (one scale, per channel, sparse) and peaked streams that pick rANS.
+    p = folder / "grid_rans.dcz"
+    peaked = (rng.laplace(size=(16, 24)) ** 3).astype(np.float32)
+    dcformat.write_dcz(p, [
+        TensorInput("g_tensor", rng.normal(size=(8, 16)).astype(np.float32),
+                    CompressSettings(quantizer="uniform", rel_error=0.05)),
+        TensorInput("g_channel", (rng.normal(size=(6, 20)) * np.logspace(-2, 1, 6)[:, None]).astype(np.float16),
+                    CompressSettings(quantizer="uniform", rel_error=0.05, per_channel=True)),
+        TensorInput("g_sparse", peaked, CompressSettings(quantizer="uniform", step=4.0, layout="sparse", index_bits=3)),
+        TensorInput("g_dense", peaked, CompressSettings(quantizer="uniform", step=2.0, layout="dense")),
+    ], graph=b"", metadata={})
+    out.append(p)
     return out
 
 
