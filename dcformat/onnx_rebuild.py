@@ -90,6 +90,18 @@ def _parse_marker(t: TensorProto) -> tuple[str, str, str]:
     return name, field, loc
 
 
+def _parse_graph(graph_blob: bytes) -> onnx.ModelProto:
+    """The GRAPH section as a ModelProto; CorruptError if it is not one, or holds no graph."""
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(bytes(graph_blob))
+    except Exception as exc:
+        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) is not an ONNX ModelProto: {exc}") from None
+    if not model.HasField("graph"):
+        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) parses but holds no graph")
+    return model
+
+
 def rebuild(graph_blob: bytes, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """Fill the slots of ``graph_blob`` from ``weights`` and return the complete model.
 
@@ -102,13 +114,7 @@ def rebuild(graph_blob: bytes, weights: Mapping[str, np.ndarray]) -> onnx.ModelP
             missing from ``weights``; two slots name the same weight; an array's shape or dtype does not
             match its slot; a weight is used by no slot; a tensor refers to real external data.
     """
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(bytes(graph_blob))
-    except Exception as exc:
-        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) is not an ONNX ModelProto: {exc}") from None
-    if not model.HasField("graph"):
-        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) parses but holds no graph")
+    model = _parse_graph(graph_blob)
     used: set[str] = set()
     for t in iter_all_tensors(model):
         if t.data_location != TensorProto.EXTERNAL:
@@ -307,13 +313,7 @@ def write_model(graph_blob: bytes, weights: Mapping[str, SlotSpec], decode: Call
     target = Path(os.fspath(path))
     if not target.parent.is_dir():
         raise InputError(f"cannot save model to {str(target)!r}: folder {str(target.parent)!r} does not exist")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(bytes(graph_blob))
-    except Exception as exc:
-        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) is not an ONNX ModelProto: {exc}") from None
-    if not model.HasField("graph"):
-        raise CorruptError(f"graph blob ({len(graph_blob)} bytes) parses but holds no graph")
+    model = _parse_graph(graph_blob)
     nonce = os.urandom(PLACEHOLDER_BYTES - 8)
     holes: list[tuple[str, SlotSpec]] = []  # placeholder index -> weight
     used: set[str] = set()
