@@ -128,7 +128,7 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
                    "from the --error grid (levels move and merge where that saves code length).")
 @click.option("--error", metavar="E|KIND=E,...",
               help="Uniform grid: rounding error as a fraction of the RMS of each tensor's weakest output channel "
-                   "(default 3e-3); larger is smaller and less exact.")
+                   "(default 2.5e-3); larger is smaller and less exact.")
 @click.option("--bits", metavar="B|KIND=B,...", help=f"k-means codebook bits: '8', or per op kind 'conv=8,fc=5'. {KIND_HELP}")
 @click.option("--index-bits", metavar="B|KIND=B,...", help="Relative-index field width for sparse tensors (default 8).")
 @click.option("--sparsity", metavar="S|KIND=S,...", help="Prune this fraction of each tensor by magnitude: '0.5' or 'conv=0.5,fc=0.9'.")
@@ -160,7 +160,7 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
     """Compress an ONNX MODEL into a .dcz file.
 
     By default every float weight of at least --min-elements elements is rounded to a uniform grid whose
-    error is 0.3% of the norm of each tensor's weakest channel, the levels used form its codebook, and the codes are Huffman-coded;
+    error is 0.25% of the norm of each tensor's weakest channel, the levels used form its codebook, and the codes are entropy-coded;
     nothing is pruned: the rebuilt model gives the same answers. --error, --bits and pruning trade size for
     accuracy; check with --check, best on inputs of your own (--inputs).
     """

@@ -29,7 +29,9 @@ DEFAULT_BITS = 8
 DEFAULT_INDEX_BITS = 8
 #: Default quantizer: a uniform grid per tensor whose rounding error is this fraction of the tensor's norm.
 #: Chosen so that every public model keeps its answers (tools/fidelity_table.py); see the README.
-DEFAULT_REL_ERROR = 3e-3
+#: 2.5e-3, not 3e-3: at 3e-3 a near-tie in PP-OCR rec's first test line (blank 0.519 against space 0.481 in the
+#: original) flips to another string; 1.5e-3 to 2.5e-3 keep all four lines (measured 2026-11-21, format 1.1).
+DEFAULT_REL_ERROR = 2.5e-3
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
 RULE_KEYS = ("quantizer", "rel_error", "step", "per_channel", "ec_lambda", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 
