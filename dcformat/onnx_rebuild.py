@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -115,6 +115,15 @@ def rebuild(graph_blob: bytes, weights: Mapping[str, np.ndarray]) -> onnx.ModelP
             match its slot; a weight is used by no slot; a tensor refers to real external data.
     """
     model = _parse_graph(graph_blob)
+    for t, name, field, loc in _slots(model, weights):
+        _fill_slot(t, name, field, np.asarray(weights[name]))
+        _restore_location(t, loc)
+    return model
+
+
+def _slots(model: onnx.ModelProto, weights: Mapping) -> Iterator[tuple[TensorProto, str, str, str]]:
+    """Every dcz slot of ``model`` as (tensor, weight name, data field, location state), checked: a valid marker
+    naming a weight of ``weights``, no weight named twice; once all are seen, every weight must have had a slot."""
     used: set[str] = set()
     for t in iter_all_tensors(model):
         if t.data_location != TensorProto.EXTERNAL:
@@ -124,18 +133,21 @@ def rebuild(graph_blob: bytes, weights: Mapping[str, np.ndarray]) -> onnx.ModelP
             raise CorruptError(f"weight {name!r} is named by two slots of the graph")
         if name not in weights:
             raise CorruptError(f"slot {name!r} of the graph has no weight")
-        _fill_slot(t, name, field, np.asarray(weights[name]))
-        if loc == "set":
-            t.data_location = TensorProto.DEFAULT
-        else:
-            t.ClearField("data_location")
         used.add(name)
+        yield t, name, field, loc
     unused = [n for n in weights if n not in used]
     if unused:
         shown = ", ".join(repr(n) for n in unused[:_MAX_NAMES_IN_MESSAGE])
         more = f" and {len(unused) - _MAX_NAMES_IN_MESSAGE} more" if len(unused) > _MAX_NAMES_IN_MESSAGE else ""
         raise CorruptError(f"{len(unused)} weight(s) match no slot of the graph: {shown}{more}")
-    return model
+
+
+def _restore_location(t: TensorProto, loc: str) -> None:
+    """A filled slot's data_location as the original had it: DEFAULT when it was set, absent when not."""
+    if loc == "set":
+        t.data_location = TensorProto.DEFAULT
+    else:
+        t.ClearField("data_location")
 
 
 def _check_fits(t: TensorProto, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -316,33 +328,16 @@ def write_model(graph_blob: bytes, weights: Mapping[str, SlotSpec], decode: Call
     model = _parse_graph(graph_blob)
     nonce = os.urandom(PLACEHOLDER_BYTES - 8)
     holes: list[tuple[str, SlotSpec]] = []  # placeholder index -> weight
-    used: set[str] = set()
-    for t in iter_all_tensors(model):  # every check before anything is decoded or written
-        if t.data_location != TensorProto.EXTERNAL:
-            continue
-        name, field, loc = _parse_marker(t)
-        if name in used:
-            raise CorruptError(f"weight {name!r} is named by two slots of the graph")
-        if name not in weights:
-            raise CorruptError(f"slot {name!r} of the graph has no weight")
+    for t, name, field, loc in _slots(model, weights):  # every check before anything is decoded or written
         spec = weights[name]
         _check_fits(t, name, np.dtype(spec.dtype), spec.shape)
-        used.add(name)
         if field == "raw_data":
             del t.external_data[:]
             t.raw_data = nonce + len(holes).to_bytes(8, "little")
             holes.append((name, spec))
         else:  # typed fields (hand-made models): filled now, in the graph
             _fill_slot(t, name, field, _decoded(name, spec, decode))
-        if loc == "set":
-            t.data_location = TensorProto.DEFAULT
-        else:
-            t.ClearField("data_location")
-    unused = [n for n in weights if n not in used]
-    if unused:
-        shown = ", ".join(repr(n) for n in unused[:_MAX_NAMES_IN_MESSAGE])
-        more = f" and {len(unused) - _MAX_NAMES_IN_MESSAGE} more" if len(unused) > _MAX_NAMES_IN_MESSAGE else ""
-        raise CorruptError(f"{len(unused)} weight(s) match no slot of the graph: {shown}{more}")
+        _restore_location(t, loc)
 
     blob = model.SerializeToString()
     pieces = _expand_placeholders(blob, nonce, holes)
