@@ -175,12 +175,17 @@ def run_all(model, inputs: Inputs) -> list[dict[str, np.ndarray]]:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a tensor, with its exact squared weight error and its estimated size."""
+    """One way to store a tensor, with its exact squared weight error and its estimated size: raw (``rel_error``
+    0), or a grid at ``rel_error`` with one scale per slice along ``axis`` (None: one scale for the tensor)."""
 
-    per_channel: bool
+    axis: int | None
     rel_error: float
     sq_error: float
     bits: float
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
 
 
 @dataclass(frozen=True)
@@ -341,31 +346,34 @@ def _rate_bits(q: np.ndarray) -> float:
     return min(dense, sparse) + TABLE_BITS_PER_LEVEL * used
 
 
-def _grid(x: np.ndarray, per_channel: bool, rel_error: float) -> tuple[quantize.Grid, np.ndarray]:
-    axis = quantize.channel_axis(x) if per_channel else None
+def _grid(x: np.ndarray, axis: int | None, rel_error: float) -> tuple[quantize.Grid, np.ndarray]:
     g = quantize.grid_quantize(x, quantize.grid_steps(x, rel_error, axis), axis)
     return g, quantize.grid_values(g.q, g.scales, axis, np.dtype(x.dtype))
+
+
+def _grid_bits(g: quantize.Grid) -> float:
+    """Estimated coded size of a grid: its levels, the GRID header and one float32 scale per slice."""
+    return _rate_bits(g.q) + GRID_HEADER_BITS + 32 * g.scales.size
 
 
 def candidates(x: np.ndarray) -> list[Candidate]:
     """Every candidate setting of one float tensor, with exact error and estimated bits."""
     out = []
-    modes = (False, True) if x.ndim >= 2 and quantize.channel_axis(x) is not None else (False,)
+    channels = quantize.channel_axis(x)
+    axes = (None,) if channels is None else (None, channels)
     x64 = x.astype(np.float64)
-    out.append(Candidate(False, 0.0, 0.0, 8.0 * x.nbytes))  # raw: exact
-    for per_channel in modes:
+    out.append(Candidate(None, 0.0, 0.0, 8.0 * x.nbytes))  # raw: exact
+    for axis in axes:
         for r in CANDIDATE_ERRORS:
-            g, values = _grid(x, per_channel, r)
-            err = float(np.sum((values.astype(np.float64) - x64) ** 2))
-            bits = _rate_bits(g.q) + GRID_HEADER_BITS + 32 * g.scales.size
-            out.append(Candidate(per_channel, r, err, bits))
+            g, values = _grid(x, axis, r)
+            out.append(Candidate(axis, r, float(np.sum((values.astype(np.float64) - x64) ** 2)), _grid_bits(g)))
     return out
 
 
 def _values(x: np.ndarray, c: Candidate) -> np.ndarray:
     if c.rel_error == 0:
         return x
-    return _grid(x, c.per_channel, c.rel_error)[1]
+    return _grid(x, c.axis, c.rel_error)[1]
 
 
 # --- sensitivity and allocation -----------------------------------------------------------------------------
@@ -400,8 +408,7 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
     todo = [w for w in weights if w.name in probe.lifted]
     for i, w in enumerate(todo, 1):
         x = np.asarray(w.array)
-        per_channel = x.ndim >= 2 and quantize.channel_axis(x) is not None
-        values = _grid(x, per_channel, error)[1]
+        values = _grid(x, quantize.channel_axis(x), error)[1]
         sq = float(np.sum((values.astype(np.float64) - x.astype(np.float64)) ** 2))
         try:
             out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
@@ -623,14 +630,15 @@ def sensitivity_table(model_path, policy: Policy, calibration: Inputs | None,
     rows = []
     for i, w in enumerate(todo, 1):
         x = np.asarray(w.array)
-        pc = x.ndim >= 2 and quantize.channel_axis(x) is not None
+        axis = quantize.channel_axis(x)
         rel, size = [], []
         for e in errors:
-            g, values = _grid(x, pc, e)
+            g, values = _grid(x, axis, e)
             fids = probe.compare({w.name: values})
             rel.append(max((f.rel_l2 for f in fids), default=0.0))
-            size.append(int((_rate_bits(g.q) + GRID_HEADER_BITS + 32 * g.scales.size) / 8))
-        rows.append(SensitivityRow(w.name, w.kind, int(x.size), pc, tuple(errors), tuple(rel), tuple(size)))
+            size.append(int(_grid_bits(g) / 8))
+        rows.append(SensitivityRow(w.name, w.kind, int(x.size), axis is not None, tuple(errors), tuple(rel),
+                                   tuple(size)))
         if progress is not None:
             progress(i, len(todo), w.name)
     return rows
