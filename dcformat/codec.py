@@ -25,6 +25,7 @@ from .constants import (
     LAYOUT_STREAMS,
     MAX_CODE_BITS,
     MAX_INDEX_BITS,
+    MAX_NDIM,
     NUMPY_DTYPES,
     Coding,
     DType,
@@ -82,6 +83,10 @@ class CompressSettings:
             the price of one bit of code length, in squared grid steps.
         per_channel: uniform grid: one scale per output channel (the first or last axis, whichever varies
             more), each resolving its own channel at ``rel_error``; otherwise one scale per tensor.
+        input_axis, input_steps: uniform grid: a relative step per slice along ``input_axis`` (how coarsely each
+            input of the layer may be resolved, e.g. ``1/sqrt`` of its share of the layer input's energy on
+            calibration data). ``rel_error`` then applies to the tensor divided by these steps, and the grid
+            stores them as its second scale vector (a two-axis GRID, format 1.2) or folds them into its one axis.
     """
 
     bits: int = 8
@@ -97,6 +102,8 @@ class CompressSettings:
     seed: int = 0
     per_channel: bool = False
     ec_lambda: float = DEFAULT_EC_LAMBDA
+    input_axis: int | None = None
+    input_steps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= MAX_CODE_BITS:
@@ -125,6 +132,16 @@ class CompressSettings:
             raise InputError(f"step {self.step} must be a positive finite number")
         if self.layout not in LAYOUT_CHOICES:
             raise InputError(f"layout {self.layout!r} is not one of {', '.join(LAYOUT_CHOICES)}")
+        if (self.input_axis is None) != (self.input_steps is None):
+            raise InputError("input_axis and input_steps go together")
+        if self.input_steps is not None:
+            if self.quantizer != "uniform" or self.step is not None:
+                raise InputError("input_steps need the uniform quantizer with rel_error")
+            if not 0 <= self.input_axis < MAX_NDIM:
+                raise InputError(f"input_axis {self.input_axis} is outside 0..{MAX_NDIM - 1}")
+            steps = np.asarray(self.input_steps, dtype=np.float64)
+            if steps.ndim != 1 or not steps.size or not (np.isfinite(steps).all() and (steps > 0).all()):
+                raise InputError("input_steps must be positive finite numbers")
 
 
 class TensorInput(NamedTuple):
@@ -320,19 +337,34 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
 
 
 def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.ndarray, mask: np.ndarray) -> EncodedTensor:
-    """The uniform quantizer: integer levels on a per-tensor or per-channel grid, stored as a GRID codebook."""
+    """The uniform quantizer: integer levels on a per-tensor, per-channel or two-axis grid, stored as a GRID
+    codebook."""
     s = t.settings
     x = values.reshape(stored.shape)
-    axis = quantize.channel_axis(x) if s.per_channel else None
-    steps = np.array([s.step]) if s.step else quantize.grid_steps(x, s.rel_error, axis)
+    rel = x
+    if s.input_steps is not None:
+        ia = s.input_axis
+        if ia >= x.ndim or len(s.input_steps) != x.shape[ia]:
+            raise InputError(f"tensor {t.name!r}: {len(s.input_steps)} input steps for axis {ia} of shape {list(x.shape)}")
+        steps_in = np.asarray(s.input_steps, dtype=np.float32)
+        rel = x / steps_in.reshape(tuple(steps_in.size if a == ia else 1 for a in range(x.ndim))).astype(x.dtype)
+    axis = quantize.channel_axis(rel) if s.per_channel else None
+    steps = np.array([s.step]) if s.step else quantize.grid_steps(rel, s.rel_error, axis)
     if s.step:
         axis = None
-    grid = quantize.grid_quantize(x, steps, axis, None if mask.all() else mask)
+    del rel
+    keep = None if mask.all() else mask
+    if s.input_steps is None:
+        grid = quantize.grid_quantize(x, steps, axis, keep)
+    elif axis is None or axis == ia:  # the input steps fold into the grid's one axis
+        grid = quantize.grid_quantize(x, steps * steps_in.astype(np.float64), ia, keep)
+    else:
+        grid = quantize.grid_quantize(x, steps, axis, keep, steps_in, ia)
     del x, values
     q = grid.q.reshape(-1)  # integers in float32 (float64 for float64 tensors)
     q_min = min(int(q.min()), 0) if q.size else 0
     levels = int(q.max()) - q_min + 1 if q.size else 1
-    reference = quantize.grid_values(grid.q, grid.scales, axis, _rounding_dtype(dtype))
+    reference = quantize.grid_values(grid.q, grid.scales, grid.axis, _rounding_dtype(dtype), grid.scales2, grid.axis2)
     if dtype == DType.BFLOAT16:
         reference = reference.view(np.uint16)
     stored_mask = q != 0
@@ -341,8 +373,11 @@ def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.nd
     q -= q_min  # in place: the codes, still exact integers
     codes_full = q.astype(np.uint16)
     del q
-    header = struct.pack("<B3xi", GRID_AXIS_NONE if axis is None else axis, q_min)
+    header = struct.pack("<BB2xi", GRID_AXIS_NONE if grid.axis is None else grid.axis,
+                         0 if grid.axis2 is None else grid.axis2 + 1, q_min)
     cb_payload = header + grid.scales.astype("<f4").tobytes()
+    if grid.scales2 is not None:
+        cb_payload += grid.scales2.astype("<f4").tobytes()
     code_bits = max(1, (levels - 1).bit_length())
     return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full,
                  None if stored_mask is None or stored_mask.all() else stored_mask, reference)
@@ -439,40 +474,61 @@ def _grid_decode(entry: TensorEntry, payload: bytes, codes: np.ndarray, position
     """Elements of a GRID tensor: DENSE (``positions`` None, codes shaped like the tensor) or SPARSE (flat
     codes of the elements at ``positions``, zero elsewhere). Validates the grid header and scales."""
     what = f"tensor {entry.name!r}"
-    axis_code, q_min = struct.unpack_from("<B3xi", payload)
-    if any(payload[1:4]):
+    axis_code, axis2_code, q_min = struct.unpack_from("<BB2xi", payload)
+    if any(payload[2:4]):
         raise CorruptError(f"{what}: GRID codebook reserved bytes are not zero")
+    ndim = len(entry.shape)
     axis = None if axis_code == GRID_AXIS_NONE else axis_code
-    if axis is not None and axis >= len(entry.shape):
+    if axis is not None and axis >= ndim:
         raise CorruptError(f"{what}: GRID axis {axis} is not an axis of shape {list(entry.shape)}")
+    axis2 = None if axis2_code == 0 else axis2_code - 1
+    if axis2 is not None and (axis is None or axis2 == axis or axis2 >= ndim):
+        raise CorruptError(f"{what}: GRID second axis {axis2} is not another axis of shape {list(entry.shape)} "
+                           f"(first axis {axis_code})")
     n = 1 if axis is None else entry.shape[axis]
-    if len(payload) != GRID_HEADER_SIZE + 4 * n:
-        raise CorruptError(f"{what}: GRID codebook is {len(payload)} bytes, axis {axis_code} needs {GRID_HEADER_SIZE + 4 * n}")
+    n2 = 0 if axis2 is None else entry.shape[axis2]
+    if len(payload) != GRID_HEADER_SIZE + 4 * (n + n2):
+        raise CorruptError(f"{what}: GRID codebook is {len(payload)} bytes, axes {axis_code}, {axis2_code} need "
+                           f"{GRID_HEADER_SIZE + 4 * (n + n2)}")
     q_max = q_min + entry.codebook_size - 1
     if max(-q_min, q_max) > GRID_MAX_LEVEL:
         raise CorruptError(f"{what}: GRID levels {q_min}..{q_max} exceed +-{GRID_MAX_LEVEL}")
-    scales = np.frombuffer(payload, dtype="<f4", offset=GRID_HEADER_SIZE)
-    if not (np.isfinite(scales).all() and (scales > 0).all()):
-        raise CorruptError(f"{what}: GRID scales must be finite and > 0")
+    scales = np.frombuffer(payload, dtype="<f4", offset=GRID_HEADER_SIZE, count=n)
+    scales2 = np.frombuffer(payload, dtype="<f4", offset=GRID_HEADER_SIZE + 4 * n) if n2 else None
+    for sc in (scales, scales2):
+        if sc is not None and not (np.isfinite(sc).all() and (sc > 0).all()):
+            raise CorruptError(f"{what}: GRID scales must be finite and > 0")
     storage = _rounding_dtype(entry.dtype)
+    limit = float(ml_dtypes.finfo(storage).max if entry.dtype == DType.BFLOAT16 else np.finfo(storage).max)
     top = float(max(-q_min, q_max)) * float(scales.max()) if scales.size else 0.0
-    if top > float(ml_dtypes.finfo(storage).max if entry.dtype == DType.BFLOAT16 else np.finfo(storage).max):
-        raise CorruptError(f"{what}: GRID level {max(-q_min, q_max)} x scale {float(scales.max())} overflows {entry.dtype.name}")
+    # The product of the first multiply must be finite in binary32 too (it is rounded there before the second).
+    if top > limit or (scales2 is not None and (top > float(np.finfo(np.float32).max) or
+                                                top * float(scales2.max()) > limit)):
+        worst = top * (1.0 if scales2 is None else float(scales2.max()))
+        raise CorruptError(f"{what}: GRID level {max(-q_min, q_max)} x largest scales = {worst:.3g} overflows "
+                           f"{entry.dtype.name}")
     q = codes.astype(np.int32)
     q += q_min
     if positions is None:
-        out = quantize.grid_values(q, scales, axis, storage)
+        out = quantize.grid_values(q, scales, axis, storage, scales2, axis2)
     else:
-        if axis is not None:  # the scale of each stored element's slice
-            inner = int(np.prod(entry.shape[axis + 1:], dtype=np.int64))
-            vals = quantize.grid_values(q, scales[(positions // inner) % entry.shape[axis]], 0, storage)
-        else:
-            vals = quantize.grid_values(q, scales, None, storage)
+        def per_element(sc: np.ndarray | None, ax: int | None) -> np.ndarray | None:
+            """The scale of each stored element's slice along ``ax``."""
+            if sc is None or ax is None:
+                return sc
+            inner = int(np.prod(entry.shape[ax + 1:], dtype=np.int64))
+            return sc[(positions // inner) % entry.shape[ax]]
+
+        s1 = per_element(scales, axis)
+        s2 = per_element(scales2, axis2)
+        vals = quantize.grid_values(q, s1, None if axis is None else 0, storage, s2, None if s2 is None else 0)
         out = np.zeros(entry.numel, dtype=storage)
         out[positions] = vals
     if entry.dtype == DType.BFLOAT16:
         out = out.view(np.uint16)
     return out.reshape(entry.shape) if positions is None else out
+
+
 def _check_zeros(entry: TensorEntry, out: np.ndarray) -> np.ndarray:
     zeros = out.size - np.count_nonzero(_as_float(out, entry.dtype))
     if zeros != entry.zeros:

@@ -21,7 +21,7 @@ MAGIC = b"\x89DCZ\r\n\x1a\n"
 VERSION_MAJOR = 1
 #: Minor versions only add codes and optional sections; a reader accepts a newer
 #: minor and refuses, by name, any unknown code it meets.
-VERSION_MINOR = 1
+VERSION_MINOR = 2
 
 HEADER_SIZE = 32
 SECTION_ENTRY_SIZE = 32
@@ -170,7 +170,8 @@ RANS_STATE_LOW = 1 << 16
 RANS_MAX_VARINT_BYTES = 3
 #: Largest |level| of a GRID codebook: integers up to 2**24 are exact in binary32, where levels are multiplied.
 GRID_MAX_LEVEL = 1 << 24
-#: GRID codebook payload: u8 axis, 3 reserved bytes, i32 q_min, then one f32 scale per slice.
+#: GRID codebook payload: u8 axis, u8 second axis + 1 (0: none; format 1.2), 2 reserved bytes, i32 q_min, then one
+#: f32 scale per slice along the axis and, for a two-axis grid, one per slice along the second axis.
 GRID_HEADER_SIZE = 8
 #: GRID axis value meaning "one scale for the whole tensor".
 GRID_AXIS_NONE = 0xFF

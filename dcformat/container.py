@@ -426,10 +426,10 @@ def _check_plain_lengths(t: TensorEntry) -> None:
                 f"tensor {t.name!r}: raw stream is {s.length} bytes, shape {list(t.shape)} of {t.dtype.name} needs {t.numel * item}"
             )
         if s.kind == StreamKind.CODEBOOK and s.coding == Coding.GRID:
-            slices = {1, *t.shape}
+            slices = {1, *t.shape, *(a + b for i, a in enumerate(t.shape) for b in t.shape[i + 1:])}  # 1 or 2 axes
             if s.length < GRID_HEADER_SIZE or (s.length - GRID_HEADER_SIZE) % 4 or (s.length - GRID_HEADER_SIZE) // 4 not in slices:
                 raise CorruptError(
-                    f"tensor {t.name!r}: GRID codebook stream of {s.length} bytes holds no whole scale per slice of shape {list(t.shape)}"
+                    f"tensor {t.name!r}: GRID codebook stream of {s.length} bytes holds no whole scale per slice along one or two axes of shape {list(t.shape)}"
                 )
         elif s.kind == StreamKind.CODEBOOK and s.length != t.codebook_size * item:
             raise CorruptError(

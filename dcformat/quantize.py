@@ -558,11 +558,14 @@ def uniform_codebook(values: np.ndarray, step: float, *, storage: np.dtype) -> t
 
 class Grid(NamedTuple):
     """Integer levels ``q`` (same shape as the tensor) and the float32 scale of each slice along ``axis``
-    (one scale when ``axis`` is None): element = q * scale of its slice (see :func:`grid_values`)."""
+    (one scale when ``axis`` is None): element = q * scale of its slice (see :func:`grid_values`). A two-axis
+    grid (format 1.2) multiplies in a second float32 scale per slice along ``axis2``."""
 
     q: np.ndarray  # integer values, held in the working float type (exact: |q| <= GRID_MAX_LEVEL)
     scales: np.ndarray  # float32, 1-D
     axis: int | None
+    scales2: np.ndarray | None = None  # float32, 1-D, one per slice along axis2
+    axis2: int | None = None
 
 
 def _rms(x: np.ndarray) -> float:
@@ -638,8 +641,10 @@ def _grid_shape(ndim: int, axis: int | None, n: int) -> tuple[int, ...]:
     return (1,) * ndim if axis is None else tuple(n if a == axis else 1 for a in range(ndim))
 
 
-def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.ndarray | None = None) -> Grid:
-    """Round ``x`` to the grid ``q * step`` of its slice (``keep`` False: q = 0, i.e. pruned).
+def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.ndarray | None = None,
+                  steps2: np.ndarray | None = None, axis2: int | None = None) -> Grid:
+    """Round ``x`` to the grid ``q * step`` of its slice (``keep`` False: q = 0, i.e. pruned). With ``steps2``
+    (a two-axis grid) the step of an element is its ``axis`` slice's step times its ``axis2`` slice's.
 
     Steps become float32 scales. They are widened (all by one factor) when the levels would span more
     than 2**16 codes or exceed GRID_MAX_LEVEL; zero is always a level and nothing is clipped.
@@ -649,6 +654,13 @@ def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.n
     scales = np.asarray(steps, dtype=np.float64).reshape(-1)
     if scales.size != (1 if axis is None else x.shape[axis]):
         raise InputError(f"{scales.size} grid steps for axis {axis} of shape {x.shape}")
+    second = None
+    if steps2 is not None:
+        second = np.asarray(steps2, dtype=np.float32).reshape(-1)
+        if axis is None or axis2 is None or axis2 == axis or second.size != x.shape[axis2]:
+            raise InputError(f"{second.size} second grid steps for axes {axis}, {axis2} of shape {x.shape}")
+        if not (np.isfinite(second).all() and (second > 0).all()):
+            raise InputError("grid steps must be positive and finite")
     if not (np.isfinite(scales).all() and (scales > 0).all()):
         raise InputError("grid steps must be positive and finite")
     bshape = _grid_shape(x.ndim, axis, scales.size)
@@ -657,6 +669,8 @@ def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.n
         s32[s32 == 0] = np.float32(np.finfo(np.float32).tiny)
         q = x.astype(work, copy=True)  # one working copy, rounded in place
         q /= s32.reshape(bshape).astype(work)
+        if second is not None:
+            q /= second.reshape(_grid_shape(x.ndim, axis2, second.size)).astype(work)
         np.rint(q, out=q)
         q += 0.0  # -0.0 (a small negative rounded to zero) becomes +0.0, as the integer level 0 decodes
         if keep is not None:
@@ -665,19 +679,23 @@ def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.n
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         widen = max((hi - lo + 1) / MAX_K, max(-lo, hi) / GRID_MAX_LEVEL)
         if widen <= 1:
-            return Grid(q, s32, axis)
+            return Grid(q, s32, axis, second, None if second is None else axis2)
         scales = scales * (widen * 1.01)
     raise InputError("values cannot be placed on a grid of 2**16 levels")  # unreachable for finite values
 
 
-def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np.dtype) -> np.ndarray:
-    """Decoded elements: ``q * scale`` computed in binary32 (binary64 for float64 storage), then rounded
-    to ``storage`` (round to nearest even). Shared by the writer (reference values) and the reader."""
+def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np.dtype,
+                scales2: np.ndarray | None = None, axis2: int | None = None) -> np.ndarray:
+    """Decoded elements: ``q * scale`` computed in binary32 (binary64 for float64 storage), then (two-axis
+    grids) times ``scales2`` of the element's ``axis2`` slice, again in binary32, then rounded to ``storage``
+    (round to nearest even). Shared by the writer (reference values) and the reader."""
     dt = _check_storage(storage)
     work = np.float64 if dt == np.float64 else np.float32
     s = np.asarray(scales, dtype=np.float32).astype(work).reshape(_grid_shape(q.ndim, axis, len(scales)))
     out = q.astype(work)
     out *= s
+    if scales2 is not None:
+        out *= np.asarray(scales2, dtype=np.float32).astype(work).reshape(_grid_shape(q.ndim, axis2, len(scales2)))
     return out if out.dtype == dt else out.astype(dt)
 
 

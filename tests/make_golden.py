@@ -44,12 +44,20 @@ def source_tensors() -> dict[str, np.ndarray]:
 GRID_W = np.tile(np.array([[0.5, -1.0, 0.0, 0.5], [0.125, 0.25, -0.125, 0.0], [2.0, 4.0, -2.0, 2.0]], dtype=np.float32), 4)
 
 
+#: A 3x16 weight for a two-axis grid (format 1.2): a step per row times the step of each column, GRID2_IN.
+GRID2_W = np.tile(np.array([[0.5, -1.0, 0.25, 3.0], [0.125, 0.25, -0.0625, 0.0], [2.0, 4.0, -1.0, 12.0]],
+                           dtype=np.float32), 4)
+GRID2_IN = (1.0, 1.0, 0.5, 4.0) * 4
+
+
 def inputs(src: dict[str, np.ndarray]) -> list[TensorInput]:
     grid = CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True)
     return [
         TensorInput("conv.w", src["conv.w"], CompressSettings(bits=2), kind=TensorKind.CONV),
         TensorInput("fc.w", src["fc.w"], CompressSettings(bits=2, index_bits=3, layout="sparse"), kind=TensorKind.FC),
         TensorInput("grid.w", GRID_W, grid, kind=TensorKind.FC),
+        TensorInput("grid2.w", GRID2_W, CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True,
+                                                         input_axis=1, input_steps=GRID2_IN), kind=TensorKind.FC),
         TensorInput("shape", src["shape"], None),
     ]
 

@@ -1,4 +1,5 @@
-"""GRID codebooks (format 1.1): per-tensor and per-channel uniform grids, round trips and hostile payloads."""
+"""GRID codebooks (format 1.1; two-axis grids 1.2): per-tensor, per-channel and two-axis uniform grids, round trips
+and hostile payloads."""
 
 import struct
 from dataclasses import replace
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from dcformat import quantize
 from dcformat.codec import CompressSettings, TensorInput, decode_tensor, encode_tensor, read_dcz, write_dcz
 from dcformat.constants import GRID_MAX_LEVEL, Coding, Layout
-from dcformat.errors import CorruptError
+from dcformat.errors import CorruptError, InputError
 
 
 def _scaled(rng, shape, dtype=np.float32):
@@ -43,6 +44,62 @@ def test_grid_round_trip_is_bit_exact(shape, dtype, per_channel, sparsity, layou
     x = _scaled(np.random.default_rng(seed), (8,) + shape, dtype)
     s = CompressSettings(quantizer="uniform", rel_error=rel, per_channel=per_channel, sparsity=sparsity, layout=layout)
     _roundtrip(x, s)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64, ml_dtypes.bfloat16]),
+    per_channel=st.booleans(),
+    sparsity=st.sampled_from([None, 0.5, 0.95]),
+    layout=st.sampled_from(["auto", "dense", "sparse"]),
+    rel=st.sampled_from([1e-3, 3e-2, 0.3]),
+    data=st.data(),
+)
+def test_two_axis_grid_round_trip_is_bit_exact(shape, dtype, per_channel, sparsity, layout, rel, data):
+    x = _scaled(np.random.default_rng(data.draw(st.integers(0, 2**16))), (8,) + shape, dtype)
+    axis = data.draw(st.integers(0, x.ndim - 1))
+    steps = tuple(data.draw(st.lists(st.floats(0.01, 100.0), min_size=x.shape[axis], max_size=x.shape[axis])))
+    s = CompressSettings(quantizer="uniform", rel_error=rel, per_channel=per_channel, sparsity=sparsity, layout=layout,
+                         input_axis=axis, input_steps=steps)
+    _roundtrip(x, s)
+
+
+def test_input_steps_put_the_error_where_asked():
+    # Columns (inputs) with 10x the step get ~10x the rounding error; rows keep their own scales (two axes).
+    x = _scaled(np.random.default_rng(7), (16, 64))
+    steps = np.where(np.arange(64) % 2, 10.0, 1.0)
+    s = CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True, layout="dense", input_axis=1,
+                         input_steps=tuple(steps))
+    enc, out = _roundtrip(x, s)
+    axis, axis2 = struct.unpack_from("<BB", enc.payloads[0])
+    assert (axis, axis2) == (0, 2) and enc.entry.streams[0].length == 8 + 4 * (16 + 64)
+    rel_err = np.abs(out.astype(np.float64) - x) / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1, keepdims=True))
+    ratio = rel_err[:, 1::2].mean() / rel_err[:, ::2].mean()
+    assert 7 < ratio < 13
+    # Steps along the channel axis itself fold into the one axis: no second scale vector.
+    one = encode_tensor(TensorInput("w", x, CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True,
+                                                             input_axis=0, input_steps=(2.0,) * 16)))
+    assert struct.unpack_from("<BB", one.payloads[0]) == (0, 0) and one.entry.streams[0].length == 8 + 4 * 16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(input_axis=1), "go together"),
+    (dict(input_axis=1, input_steps=(1.0, 0.0)), "positive finite"),
+    (dict(input_axis=1, input_steps=(1.0, float("inf"))), "positive finite"),
+    (dict(input_axis=-1, input_steps=(1.0,)), "outside"),
+    (dict(input_axis=0, input_steps=(1.0,), quantizer="kmeans"), "uniform quantizer"),
+])
+def test_input_steps_settings_are_checked(kwargs, match):
+    base = dict(quantizer="uniform", rel_error=0.01)
+    with pytest.raises(InputError, match=match):
+        CompressSettings(**{**base, **kwargs})
+
+
+def test_input_steps_of_the_wrong_length_are_refused():
+    s = CompressSettings(quantizer="uniform", rel_error=0.01, input_axis=1, input_steps=(1.0, 2.0))
+    with pytest.raises(InputError, match="2 input steps for axis 1 of shape"):
+        encode_tensor(TensorInput("w", np.ones((4, 3), np.float32), s))
 
 
 def test_per_channel_keeps_every_channel_at_its_error():
@@ -116,13 +173,47 @@ def _poke(payload, fmt, offset, value):
 HOSTILE = [
     ("reserved", lambda e, p: _poke(p[0], "<B", 2, 1), "reserved bytes are not zero"),
     ("axis_out_of_range", lambda e, p: _poke(p[0], "<B", 0, 3), "GRID axis 3 is not an axis"),
-    ("axis_wrong_length", lambda e, p: _poke(p[0], "<B", 0, 1), "GRID codebook is 24 bytes, axis 1 needs 28"),
+    ("axis_wrong_length", lambda e, p: _poke(p[0], "<B", 0, 1), "GRID codebook is 24 bytes, axes 1, 0 need 28"),
     ("scale_zero", lambda e, p: _poke(p[0], "<f", 12, 0.0), "scales must be finite and > 0"),
     ("scale_negative", lambda e, p: _poke(p[0], "<f", 8, -1.0), "scales must be finite and > 0"),
     ("scale_nan", lambda e, p: _poke(p[0], "<f", 8, float("nan")), "scales must be finite and > 0"),
     ("level_beyond_2_24", lambda e, p: _poke(p[0], "<i", 4, -GRID_MAX_LEVEL - 1), "exceed"),
     ("level_times_scale_overflows", lambda e, p: _poke(p[0], "<f", 8, 3e38), "overflows FLOAT32"),
 ]
+
+
+
+
+def _grid2_case(layout="dense", dtype=np.float32):
+    x = _scaled(np.random.default_rng(8), (4, 5, 3), dtype)
+    s = CompressSettings(quantizer="uniform", rel_error=0.05, per_channel=True, sparsity=0.5 if layout == "sparse" else None,
+                         layout=layout, input_axis=1, input_steps=(1.0, 2.0, 0.5, 1.0, 4.0))
+    enc = encode_tensor(TensorInput("w", x, s))
+    assert struct.unpack_from("<BB", enc.payloads[0]) == (0, 2)
+    return enc.entry, [bytearray(p) for p in enc.payloads]
+
+
+# Two-axis payload: 8-byte header, 4 scales (axis 0), then 5 second scales (axis 1) at offset 24.
+HOSTILE_2 = [
+    ("second_axis_same_as_axis", lambda e, p: _poke(p[0], "<B", 1, 1), "second axis 0 is not another axis"),
+    ("second_axis_out_of_range", lambda e, p: _poke(p[0], "<B", 1, 4), "second axis 3 is not another axis"),
+    ("second_axis_without_axis", lambda e, p: _poke(p[0], "<B", 0, 0xFF), "second axis 1 is not another axis"),
+    ("two_axes_wrong_length", lambda e, p: _poke(p[0], "<B", 1, 3), "axes 0, 3 need 36"),
+    ("scale2_zero", lambda e, p: _poke(p[0], "<f", 28, 0.0), "scales must be finite and > 0"),
+    ("scale2_nan", lambda e, p: _poke(p[0], "<f", 24, float("nan")), "scales must be finite and > 0"),
+    ("scale2_product_overflows", lambda e, p: _poke(p[0], "<f", 40, 3e38), "overflows FLOAT32"),
+    ("first_product_overflows", lambda e, p: (_poke(p[0], "<f", 8, 3e38), [_poke(p[0], "<f", 24 + 4 * k, 1e-30)
+                                                                            for k in range(5)]), "overflows FLOAT32"),
+]
+
+
+@pytest.mark.parametrize("name, mutate, match", HOSTILE_2, ids=[h[0] for h in HOSTILE_2])
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_hostile_two_axis_grid_payload(name, mutate, match, layout):
+    entry, payloads = _grid2_case(layout)
+    mutate(entry, payloads)
+    with pytest.raises(CorruptError, match=match):
+        decode_tensor(entry, [bytes(p) for p in payloads])
 
 
 @pytest.mark.parametrize("name, mutate, match", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -145,6 +236,6 @@ def test_grid_length_not_a_slice_count_is_refused_from_the_index(tmp_path):
     from dcformat.container import _check_plain_lengths
 
     entry, payloads = _grid_case()
-    bad = replace(entry, streams=(replace(entry.streams[0], length=8 + 4 * 7),) + entry.streams[1:])
+    bad = replace(entry, streams=(replace(entry.streams[0], length=8 + 4 * 6),) + entry.streams[1:])
     with pytest.raises(CorruptError, match="holds no whole scale per slice"):
         _check_plain_lengths(bad)
