@@ -82,11 +82,13 @@ class CompressSettings:
         ec_lambda: ``eckmeans`` (entropy-constrained k-means, started from the grid of ``rel_error`` or ``step``):
             the price of one bit of code length, in squared grid steps.
         per_channel: uniform grid: one scale per output channel (the first or last axis, whichever varies
-            more), each resolving its own channel at ``rel_error``; otherwise one scale per tensor.
+            more, other than ``input_axis``), each resolving its own channel at ``rel_error``; otherwise one
+            scale per tensor.
         input_axis, input_steps: uniform grid: a relative step per slice along ``input_axis`` (how coarsely each
             input of the layer may be resolved, e.g. ``1/sqrt`` of its share of the layer input's energy on
-            calibration data). ``rel_error`` then applies to the tensor divided by these steps, and the grid
-            stores them as its second scale vector (a two-axis GRID, format 1.2) or folds them into its one axis.
+            calibration data). ``step`` is multiplied by them, or ``rel_error`` applies to the tensor divided by
+            them; the grid stores them as its second scale vector (a two-axis GRID, format 1.2) or folds them into
+            its one axis.
     """
 
     bits: int = 8
@@ -135,8 +137,8 @@ class CompressSettings:
         if (self.input_axis is None) != (self.input_steps is None):
             raise InputError("input_axis and input_steps go together")
         if self.input_steps is not None:
-            if self.quantizer != "uniform" or self.step is not None:
-                raise InputError("input_steps need the uniform quantizer with rel_error")
+            if self.quantizer != "uniform":
+                raise InputError("input_steps need the uniform quantizer")
             if not 0 <= self.input_axis < MAX_NDIM:
                 raise InputError(f"input_axis {self.input_axis} is outside 0..{MAX_NDIM - 1}")
             steps = np.asarray(self.input_steps, dtype=np.float64)
@@ -340,30 +342,21 @@ def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.nd
     """The uniform quantizer: integer levels on a per-tensor, per-channel or two-axis grid, stored as a GRID
     codebook."""
     s = t.settings
-    x = values.reshape(stored.shape)
-    rel = x
-    if s.input_steps is not None:
-        ia = s.input_axis
-        if ia >= x.ndim or len(s.input_steps) != x.shape[ia]:
-            raise InputError(f"tensor {t.name!r}: {len(s.input_steps)} input steps for axis {ia} of shape {list(x.shape)}")
-        steps_in = np.asarray(s.input_steps, dtype=np.float32)
-        rel = x / steps_in.reshape(tuple(steps_in.size if a == ia else 1 for a in range(x.ndim))).astype(x.dtype)
-    axis = quantize.channel_axis(rel) if s.per_channel else None
-    steps = np.array([s.step]) if s.step else quantize.grid_steps(rel, s.rel_error, axis)
-    if s.step:
-        axis = None
-    del rel
-    keep = None if mask.all() else mask
-    if s.input_steps is None:
-        grid = quantize.grid_quantize(x, steps, axis, keep)
-    elif axis is None or axis == ia:  # the input steps fold into the grid's one axis
-        grid = quantize.grid_quantize(x, steps * steps_in.astype(np.float64), ia, keep)
-    else:
-        grid = quantize.grid_quantize(x, steps, axis, keep, steps_in, ia)
-    del x, values
+    try:
+        x = values.reshape(stored.shape)
+        grid = quantize.make_grid(x, s.rel_error, quantize.channel_axis(x, s.input_axis) if s.per_channel else None, step=s.step,
+                                  input_axis=s.input_axis, input_steps=s.input_steps,
+                                  keep=None if mask.all() else mask)
+        del x
+    except InputError as exc:
+        raise InputError(f"tensor {t.name!r}: {exc}") from None
+    del values
     q = grid.q.reshape(-1)  # integers in float32 (float64 for float64 tensors)
     q_min = min(int(q.min()), 0) if q.size else 0
     levels = int(q.max()) - q_min + 1 if q.size else 1
+    if _grid_overflow(dtype, max(-q_min, q_min + levels - 1), grid.scales, grid.scales2) is not None:
+        # Only a level of one slice times a scale of another can pass the type's range: rare, kept exact.
+        return _raw(t.name, dtype, stored, t.kind, "its grid fails the reader's range check (largest level x scales)")
     reference = quantize.grid_values(grid.q, grid.scales, grid.axis, _rounding_dtype(dtype), grid.scales2, grid.axis2)
     if dtype == DType.BFLOAT16:
         reference = reference.view(np.uint16)
@@ -470,6 +463,20 @@ def _plain_codebook(entry: TensorEntry, payload: bytes) -> np.ndarray:
     return codebook
 
 
+def _grid_overflow(dtype: DType, top_level: int, scales: np.ndarray, scales2: np.ndarray | None) -> float | None:
+    """The reader's range check of a GRID codebook: largest |level| x largest scale (x largest scale2) when it
+    exceeds the element type's largest finite value (or, for a two-axis grid, the first product binary32's), else
+    None. The writer applies it too, so a file it writes always passes."""
+    storage = _rounding_dtype(dtype)
+    limit = float(ml_dtypes.finfo(storage).max if dtype == DType.BFLOAT16 else np.finfo(storage).max)
+    top = float(top_level) * float(scales.max()) if scales.size else 0.0
+    if scales2 is None:
+        return top if top > limit else None
+    # The product of the first multiply must be finite in binary32 too (it is rounded there before the second).
+    worst = top * float(scales2.max())
+    return worst if top > float(np.finfo(np.float32).max) or worst > limit else None
+
+
 def _grid_decode(entry: TensorEntry, payload: bytes, codes: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
     """Elements of a GRID tensor: DENSE (``positions`` None, codes shaped like the tensor) or SPARSE (flat
     codes of the elements at ``positions``, zero elsewhere). Validates the grid header and scales."""
@@ -499,12 +506,8 @@ def _grid_decode(entry: TensorEntry, payload: bytes, codes: np.ndarray, position
         if sc is not None and not (np.isfinite(sc).all() and (sc > 0).all()):
             raise CorruptError(f"{what}: GRID scales must be finite and > 0")
     storage = _rounding_dtype(entry.dtype)
-    limit = float(ml_dtypes.finfo(storage).max if entry.dtype == DType.BFLOAT16 else np.finfo(storage).max)
-    top = float(max(-q_min, q_max)) * float(scales.max()) if scales.size else 0.0
-    # The product of the first multiply must be finite in binary32 too (it is rounded there before the second).
-    if top > limit or (scales2 is not None and (top > float(np.finfo(np.float32).max) or
-                                                top * float(scales2.max()) > limit)):
-        worst = top * (1.0 if scales2 is None else float(scales2.max()))
+    worst = _grid_overflow(entry.dtype, max(-q_min, q_max), scales, scales2)
+    if worst is not None:
         raise CorruptError(f"{what}: GRID level {max(-q_min, q_max)} x largest scales = {worst:.3g} overflows "
                            f"{entry.dtype.name}")
     q = codes.astype(np.int32)

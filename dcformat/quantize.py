@@ -599,9 +599,10 @@ def slice_rms(x: np.ndarray, axis: int) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->j", m, m, dtype=np.float64) / m.shape[0])
 
 
-def channel_axis(x: np.ndarray) -> int | None:
-    """The axis for per-channel scales: of the first and last axes, the one whose slices differ most in
-    RMS (Conv and Gemm keep output channels first, MatMul last); None for 1-D tensors or equal scales."""
+def channel_axis(x: np.ndarray, exclude: int | None = None) -> int | None:
+    """The axis for per-channel scales: of the first and last axes (except ``exclude``, the axis of a layer's
+    inputs when the grid also has input steps), the one whose slices differ most in RMS (Conv and Gemm keep
+    output channels first, MatMul last); None for 1-D tensors or equal scales."""
     if x.ndim < 2:
         return None
     total = _rms(x)
@@ -609,6 +610,8 @@ def channel_axis(x: np.ndarray) -> int | None:
         return None
     best, best_spread = None, 1.0
     for axis in (0, x.ndim - 1):
+        if axis == exclude:
+            continue
         rms = slice_rms(x, axis)
         rms = rms[rms >= CHANNEL_RMS_FLOOR * total]
         spread = float(rms.max() / rms.min()) if rms.size > 1 else 1.0
@@ -682,6 +685,32 @@ def grid_quantize(x: np.ndarray, steps: np.ndarray, axis: int | None, keep: np.n
             return Grid(q, s32, axis, second, None if second is None else axis2)
         scales = scales * (widen * 1.01)
     raise InputError("values cannot be placed on a grid of 2**16 levels")  # unreachable for finite values
+
+
+def make_grid(x: np.ndarray, rel_error: float | None, axis: int | None, *, step: float | None = None,
+              input_axis: int | None = None, input_steps: np.ndarray | None = None,
+              keep: np.ndarray | None = None) -> Grid:
+    """The uniform quantizer's grid for ``x``: one ``step``; or steps giving ``rel_error`` per tensor (``axis``
+    None) or per slice along ``axis`` (output channels, :func:`channel_axis`). With ``input_steps`` (relative
+    steps along ``input_axis``) ``step`` is multiplied by them, or ``rel_error`` applies to ``x`` divided by them;
+    they become the grid's second scale vector, or fold into its one axis when ``axis`` is None or the same
+    axis."""
+    x = np.asarray(x)
+    if input_steps is None:
+        if step is not None:
+            return grid_quantize(x, np.array([step]), None, keep)
+        return grid_quantize(x, grid_steps(x, rel_error, axis), axis, keep)
+    t = np.asarray(input_steps, dtype=np.float32).reshape(-1)
+    if input_axis is None or not 0 <= input_axis < x.ndim or t.size != x.shape[input_axis]:
+        raise InputError(f"{t.size} input steps for axis {input_axis} of shape {list(x.shape)}")
+    if step is not None:  # one step for the tensor, times each input's
+        return grid_quantize(x, step * t.astype(np.float64), input_axis, keep)
+    rel = x / t.reshape(_grid_shape(x.ndim, input_axis, t.size)).astype(x.dtype)
+    steps = grid_steps(rel, rel_error, axis)
+    del rel
+    if axis is None or axis == input_axis:
+        return grid_quantize(x, steps * t.astype(np.float64), input_axis, keep)
+    return grid_quantize(x, steps, axis, keep, t, input_axis)
 
 
 def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np.dtype,

@@ -33,7 +33,7 @@ DEFAULT_INDEX_BITS = 8
 #: original) flips to another string; 1.5e-3 to 2.5e-3 keep all four lines (measured 2026-11-21, format 1.1).
 DEFAULT_REL_ERROR = 2.5e-3
 #: Settings a rule may set (the CompressSettings fields a user can choose per tensor).
-RULE_KEYS = ("quantizer", "rel_error", "step", "per_channel", "ec_lambda", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
+RULE_KEYS = ("quantizer", "rel_error", "step", "per_channel", "input_axis", "input_steps", "ec_lambda", "bits", "sparsity", "quality", "threshold", "init", "index_bits", "layout", "raw")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,9 @@ class Policy:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["layers"] = [{"pattern": r.pattern, **dict(r.settings)} for r in self.layers]
+        # Input steps (one per layer input, from --target) are stored in the tensor's GRID codebook; here only their count.
+        d["layers"] = [{"pattern": r.pattern, **{k: (f"{len(v)} values" if k == "input_steps" else v)
+                                                 for k, v in dict(r.settings).items()}} for r in self.layers]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 

@@ -86,6 +86,78 @@ def test_probe_lifts_constants_inside_subgraphs():
     np.testing.assert_array_equal(probe._run({"w_e": np.full(4, 2.0, np.float32)})[0]["y"], np.full(4, 2.0))
 
 
+def _linear_model(op: str, w: np.ndarray, x_shape, **attrs) -> onnx.ModelProto:
+    """y = op(x, w) with w an initializer (Gemm, MatMul or Conv)."""
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    g = helper.make_graph([helper.make_node(op, ["x", "w"], ["y"], **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))], [y],
+                          [onnx.numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op, w_shape, x_shape, attrs, axis, act_axis", [
+    ("Gemm", (5, 6), (40, 6), {"transB": 1}, 1, 1),  # B is [out, in]
+    ("Gemm", (6, 5), (40, 6), {}, 0, 1),
+    ("Gemm", (6, 5), (6, 40), {"transA": 1}, 0, 0),  # A is [in, batch]
+    ("MatMul", (6, 5), (2, 40, 6), {}, 0, -1),
+    ("Conv", (4, 6, 3, 3), (2, 6, 8, 8), {}, 1, 1),
+])
+def test_input_importance_follows_the_layer_input(op, w_shape, x_shape, attrs, axis, act_axis):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    # input channel k has RMS k (channel 0 is silent): its energy k**2, relative to the mean, floored
+    shape = [1] * len(x_shape)
+    shape[act_axis] = 6
+    x = (x / np.sqrt(np.mean(x ** 2, axis=tuple(a for a in range(x.ndim) if a != act_axis % x.ndim),
+                              keepdims=True))) * np.arange(6, dtype=np.float32).reshape(shape)
+    model = _linear_model(op, rng.standard_normal(w_shape).astype(np.float32), x_shape, **attrs)
+    graph, weights = extract_weights(model)
+    imp = allocate.input_importance(graph, weights, [{"x": x}])["w"]
+    e = np.arange(6.0) ** 2
+    assert imp.axis == axis
+    np.testing.assert_allclose(imp.weight, np.maximum(e / e.mean(), allocate.INPUT_ENERGY_FLOOR), rtol=1e-4)
+    np.testing.assert_allclose(imp.steps, 1 / np.sqrt(imp.weight), rtol=1e-6)
+
+
+def test_no_importance_for_shared_or_grouped_weights():
+    rng = np.random.default_rng(1)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], group=4)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    graph, weights = extract_weights(model)
+    assert allocate.input_importance(graph, weights, [{"x": np.ones((1, 4, 6, 6), np.float32)}]) == {}
+
+
+def test_weighted_candidates_decode_as_the_file_does(tmp_path):
+    # What the allocation measures for a weighted candidate is exactly what the written file decodes to, for a
+    # per-tensor step (one axis, the inputs') and a per-channel grid (two axes).
+    calib, _, _ = _mnist()
+    src = bundled("lenet300.onnx")
+    graph, weights = extract_weights(load_model(src))
+    imp = allocate.input_importance(graph, weights, calib)
+    assert set(imp) == {"ip1.weight", "ip2.weight", "ip3.weight"} and imp["ip1.weight"].axis == 1
+    # MNIST's corner pixels are always 0 in these digits: floored, so their step is the largest allowed.
+    assert imp["ip1.weight"].weight[0] == allocate.INPUT_ENERGY_FLOOR
+    x = next(np.asarray(w.array) for w in weights if w.name == "ip1.weight")
+    cands = allocate.candidates(x, imp["ip1.weight"])
+    assert all(c.weighted for c in cands if c.rel_error)
+    per_tensor = next(c for c in cands if c.step is not None and c.rel_error > 0.01)
+    per_channel = next(c for c in cands if c.axis is not None and c.rel_error > 0.01)
+    for c in (per_tensor, per_channel):
+        choice = allocate.TensorChoice("ip1.weight", x.size, 1.0, c, imp["ip1.weight"])
+        policy = dcformat.Policy(layers=(allocate.LayerRule("ip1.weight", choice.settings()),))
+        dcformat.compress(src, tmp_path / "w.dcz", policy, overwrite=True)
+        got = dcformat.read_dcz(tmp_path / "w.dcz").tensors["ip1.weight"]
+        want = allocate._values(x, c, imp["ip1.weight"])
+        np.testing.assert_array_equal(got, want)
+        d = (want.astype(np.float64) - x) ** 2 * imp["ip1.weight"].weight[None, :]
+        assert c.sq_error == pytest.approx(d.sum())
+        # the policy recorded in the file names the input steps by count only
+        assert "784 values" in dcformat.read_dcz(tmp_path / "w.dcz").metadata["dcz.policy"]
+
+
 def test_allocation_meets_target_and_beats_a_uniform_setting(tmp_path):
     calib, test, labels = _mnist()
     src = bundled("lenet300.onnx")

@@ -88,7 +88,7 @@ def test_input_steps_put_the_error_where_asked():
     (dict(input_axis=1, input_steps=(1.0, 0.0)), "positive finite"),
     (dict(input_axis=1, input_steps=(1.0, float("inf"))), "positive finite"),
     (dict(input_axis=-1, input_steps=(1.0,)), "outside"),
-    (dict(input_axis=0, input_steps=(1.0,), quantizer="kmeans"), "uniform quantizer"),
+    (dict(input_axis=0, input_steps=(1.0,), quantizer="kmeans", rel_error=None), "uniform quantizer"),
 ])
 def test_input_steps_settings_are_checked(kwargs, match):
     base = dict(quantizer="uniform", rel_error=0.01)
