@@ -10,11 +10,16 @@ For LeNet-300-100 and LeNet-5 (the Caffe variant: conv 20@5x5, conv 50@5x5, ip 5
 3. trained quantization as the paper does it: per layer, k-means (linear init) on the kept weights at the paper's
    bit width, then fine-tuning of the shared values with each centroid's gradient the sum of its weights'
    gradients (assignments and masks fixed). A ``b``-bit layer gets ``2**b - 1`` nonzero shared values, so with the
-   pruned zero its codebook has exactly ``2**b`` entries and every code fits ``b`` bits;
+   pruned zero its codebook has exactly ``2**b`` entries and every code fits ``b`` bits. With ``--grid conv1,conv2``
+   those layers' shared values are the linear initialisation's uniform grid (anchored at zero, ``2**b`` levels)
+   and training fine-tunes its step, so dcz stores their codebook as a 12-byte GRID instead of ``2**b`` float32
+   values; ``--bias-grid`` does the same for the biases (``BIAS_GRID_BITS``), which then code exactly too;
 4. exports ONNX (``dynamo=False``) of (a) the pruned, retrained float model and (b) the pruned and quantization-
-   trained model into ``.cache/paper/``;
+   trained model into ``.cache/paper/`` (``--lean-graph``: with short value names and no default attributes);
 5. compresses both with ``dcformat.compress`` (k-means quantizer, the paper's per-layer code and index bits, no
-   further pruning) and measures accuracy on the 500 held-out test digits with onnxruntime before and after;
+   further pruning; grid-trained tensors with dcz's uniform quantizer at their trained step, bit-exact), and
+   (c) model (b) with its free biases on a fine grid, and measures accuracy on the 500 held-out test digits with
+   onnxruntime before and after;
 6. prints Markdown tables, ours beside the paper's, and writes them to ``.cache/paper/tables.md``.
 
 Seeded and deterministic (one seed, one thread, ``torch.use_deterministic_algorithms``). Needs ``torch`` and
@@ -25,12 +30,14 @@ Usage::
     python tools/paper_lenet.py                    # both models
     python tools/paper_lenet.py --model lenet300   # one
     python tools/paper_lenet.py --train            # retrain the dense models first instead of loading them
+    python tools/paper_lenet.py --model lenet5 --kmeans-iter 0 --grid conv1,conv2 --bias-grid --lean-graph \
+        --out .cache/paper-lenet5-biasgrid          # LeNet-5 under the paper's 44 KB (43,204 B)
 """
 
 from __future__ import annotations
 
 import argparse
-import struct
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -126,18 +133,30 @@ PAPER = {
 #: Run (c): biases on a grid at this rounding error (relative to their RMS). The paper's tables count weights only;
 #: a file must hold the biases too, and 1e-3 changes no test digit's answer.
 BIAS_REL_ERROR = 1e-3
+#: ``--bias-grid``: biases train on a uniform grid of 2**8 levels, the paper's code width for conv layers (its
+#: tables leave biases out); the step is trained, and dcz stores them exactly under a GRID codebook.
+BIAS_GRID_BITS = 8
 
 
-def paper_policy(paper: PaperModel, *, biases: bool = False) -> Policy:
+def paper_policy(paper: PaperModel, *, biases: bool = False, steps: dict[str, float] | None = None) -> Policy:
     """The paper's code and index bits per layer, k-means with linear init, no pruning (the zeros are there).
 
     An explicit rule per weight also compresses LeNet-5's 500-weight conv1, which the default size floor
     (``min_elements``) would store raw. Biases stay raw, as in the paper's tables, unless ``biases``: then they
-    go on a fine grid (BIAS_REL_ERROR).
+    go on a fine grid (BIAS_REL_ERROR). A weight in ``steps`` (trained on a grid, see :func:`grid_levels`) uses
+    dcz's uniform quantizer with exactly that step: its values are reproduced bit for bit, under a GRID codebook.
     """
-    rules = tuple(LayerRule(f"{p.name}.weight", {"bits": p.bits, "index_bits": p.index_bits}) for p in paper.layers)
+    steps = steps or {}
+    rules = tuple(
+        LayerRule(n, {"quantizer": "uniform", "step": steps[n], "index_bits": p.index_bits}) if n in steps
+        else LayerRule(n, {"bits": p.bits, "index_bits": p.index_bits})
+        for p in paper.layers for n in [f"{p.name}.weight"]
+    )
     if biases:
         rules += (LayerRule("*.bias", {"quantizer": "uniform", "rel_error": BIAS_REL_ERROR}),)
+    weights = set(_weight_names(paper))
+    # biases trained on a grid: after "*.bias", so that their exact step wins over BIAS_REL_ERROR
+    rules += tuple(LayerRule(n, {"quantizer": "uniform", "step": st}) for n, st in steps.items() if n not in weights)
     return Policy(quantizer="kmeans", init="linear", layers=rules)
 
 
@@ -148,15 +167,15 @@ def _weight_names(paper: PaperModel) -> list[str]:
     return [f"{p.name}.weight" for p in paper.layers]
 
 
-def load_dense(name: str, model) -> None:
-    """Load the bundled ONNX weights (dcformat/data/<name>.onnx) into the torch module."""
+def load_dense(name: str, model, path: Path | None = None) -> None:
+    """Load ONNX weights into the torch module: ``path``, or the bundled dcformat/data/<name>.onnx."""
     import onnx
     import torch
     from onnx import numpy_helper
 
     from dcformat.demo import bundled
 
-    m = onnx.load(str(bundled(f"{name}.onnx")))
+    m = onnx.load(str(path or bundled(f"{name}.onnx")))
     state = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in m.graph.initializer}
     model.load_state_dict(state, strict=True)
 
@@ -222,11 +241,38 @@ def prune_retrain(model, paper: PaperModel, x, y, gen, log, weight_decay: float 
     return masks
 
 
-def trained_quantization(model, paper: PaperModel, masks: dict, x, y, gen, log, kmeans_iter: int = KMEANS_ITER) -> dict:
+def grid_levels(kept: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
+    """The paper's linear initialisation on a uniform grid anchored at zero: ``2**bits`` integer levels (zero one
+    of them) spanning the kept weights; returns each kept weight's nearest nonzero level and the grid step.
+
+    The step (max(hi, 0) - min(lo, 0)) / (2**bits - 2) leaves room for rounding at both ends, so the levels span
+    at most 2**bits codes. A kept weight that would round to level 0 takes level +-1: it stays kept.
+    """
+    lo, hi = min(float(kept.min()), 0.0), max(float(kept.max()), 0.0)
+    step = (hi - lo) / ((1 << bits) - 2)
+    q = np.rint(kept / step)
+    q[q == 0] = np.sign(kept[q == 0])
+    q_lo, q_hi = min(float(q.min()), 0.0), max(float(q.max()), 0.0)
+    if q_hi - q_lo + 1 > 1 << bits:  # cannot happen with the step above; a wrong grid must not pass silently
+        raise RuntimeError(f"grid levels {q_lo:g}..{q_hi:g} need more than {bits} bits")
+    return q, step
+
+
+def trained_quantization(model, paper: PaperModel, masks: dict, x, y, gen, log, kmeans_iter: int = KMEANS_ITER,
+                         grid: frozenset[str] = frozenset(), bias_grid: bool = False) -> tuple[dict, dict]:
     """k-means weight sharing per layer (linear init, at most ``kmeans_iter`` Lloyd iterations), then fine-tune the
     shared values; writes them into the model.
 
-    Returns per layer the number of distinct nonzero values after training.
+    The layers named in ``grid`` share values on a uniform grid instead: shared value ``step * q`` for fixed
+    integer levels ``q`` (:func:`grid_levels`), and training fine-tunes the step (as ``step0 * exp(u)``: Adam's
+    steps on ``u`` are then relative changes of the step). Their weights are then exactly float32 ``q * step``, which a dcz GRID codebook (8 bytes + 4 per scale) stores in place of one float32 per
+    shared value.
+
+    ``bias_grid``: every bias shares values on a grid of ``2**BIAS_GRID_BITS`` levels the same way (nothing
+    pruned). Otherwise biases train freely.
+
+    Returns per layer the number of distinct nonzero values after training, and the trained step of each grid
+    tensor.
     """
     import torch
     from torch.func import functional_call
@@ -236,24 +282,49 @@ def trained_quantization(model, paper: PaperModel, masks: dict, x, y, gen, log, 
     params = dict(model.named_parameters())
     centroids: dict[str, torch.nn.Parameter] = {}
     assign: dict[str, torch.Tensor] = {}
+    log_steps: dict[str, torch.nn.Parameter] = {}  # u: step = step0 * exp(u)
+    step0: dict[str, torch.Tensor] = {}
+    levels: dict[str, torch.Tensor] = {}
     for p in paper.layers:
         n = f"{p.name}.weight"
         w = params[n].detach().numpy()
-        kept = w[masks[n].numpy()]
+        keep = masks[n].numpy()
+        kept = w[keep]
+        if p.name in grid:
+            q, step = grid_levels(kept, p.bits)
+            full = np.zeros(w.shape, dtype=np.float32)
+            full[keep] = q
+            levels[n] = torch.from_numpy(full)
+            step0[n] = torch.tensor(step, dtype=torch.float32)
+            log_steps[n] = torch.nn.Parameter(torch.zeros((), dtype=torch.float32))
+            continue
         c = kmeans_1d(kept, (1 << p.bits) - 1, init="linear", max_iter=kmeans_iter)  # 2**b - 1 nonzero + the zero
         centroids[n] = torch.nn.Parameter(torch.from_numpy(c.astype(np.float32)))
         assign[n] = torch.from_numpy(nearest(w, c).astype(np.int64))
-    biases = [v for k, v in params.items() if k not in centroids]
+    if bias_grid:
+        for n, v in params.items():
+            if n.endswith(".bias"):
+                b = v.detach().numpy()
+                q, step = grid_levels(b, BIAS_GRID_BITS)
+                levels[n] = torch.from_numpy(q.astype(np.float32))
+                step0[n] = torch.tensor(step, dtype=torch.float32)
+                log_steps[n] = torch.nn.Parameter(torch.zeros((), dtype=torch.float32))
+    biases = [v for k, v in params.items() if k not in centroids and k not in levels]
+
+    def steps() -> dict:
+        return {n: step0[n] * torch.exp(u) for n, u in log_steps.items()}  # float32 scalars
 
     def shared() -> dict:
-        return {n: centroids[n][assign[n]] * masks[n] for n in centroids}
+        out = {n: centroids[n][assign[n]] * masks[n] for n in centroids}
+        out.update({n: s * levels[n] for n, s in steps().items()})  # exactly float32(q * step); 0 where pruned
+        return out
 
     def forward(xb):
         return functional_call(model, shared(), (xb,))
 
     ep = EPOCHS[paper.name]["quant"]
     # Gradients reach each centroid through the gather c[assign]: autograd sums them per cluster (the paper's rule).
-    _epochs(model, list(centroids.values()) + biases, x, y, ep, QUANT_LR, gen, forward)
+    _epochs(model, list(centroids.values()) + list(log_steps.values()) + biases, x, y, ep, QUANT_LR, gen, forward)
     with torch.no_grad():
         distinct = {}
         for n, w in shared().items():
@@ -261,8 +332,9 @@ def trained_quantization(model, paper: PaperModel, masks: dict, x, y, gen, log, 
             nz = params[n][params[n] != 0]
             distinct[n] = int(torch.unique(nz).numel())
     log(f"  trained quantization: {ep} epochs; distinct nonzero values "
-        + ", ".join(f"{n.split('.')[0]} {d}" for n, d in distinct.items()))
-    return distinct
+        + ", ".join(f"{n.removesuffix('.weight')} {d}" for n, d in distinct.items())
+        + "".join(f"; {n.removesuffix('.weight')} grid step {float(s.detach()):.6g}" for n, s in steps().items()))
+    return distinct, {n: float(s.detach()) for n, s in steps().items()}
 
 
 # --- measuring ---------------------------------------------------------------------------------------------------
@@ -283,19 +355,62 @@ def logits_of(model_or_path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def export(model, path: Path) -> None:
-    """ONNX export via tools/train_lenet.py (dynamo=False, opset 17, checked), then our producer name."""
+def lean_graph(m):
+    """The same computation with less graph text: intermediate values named 0, 1, 2, ..., no node names or doc
+    strings, no attribute that equals its operator's default (or the all-ones dilations and strides, all-zero
+    pads that Conv and MaxPool assume when absent), no producer version. Weights, their names, the input and output
+    and the opset are kept. Returns a new, checked model."""
+    import onnx
+    from onnx import defs
+
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    ends = {v.name for v in m.graph.input} | {v.name for v in m.graph.output}
+    names: dict[str, str] = {}
+    for node in m.graph.node:
+        node.name, node.doc_string = "", ""
+        node.input[:] = [names.get(v, v) for v in node.input]
+        for v in node.output:
+            if v not in ends:
+                names[v] = str(len(names))
+        node.output[:] = [names.get(v, v) for v in node.output]
+        schema = defs.get_schema(node.op_type, opset)
+        implied = {"dilations": 1, "strides": 1, "pads": 0}
+        drop = [a for a in node.attribute
+                if (a.name in schema.attributes and schema.attributes[a.name].default_value.type != 0
+                    and onnx.helper.get_attribute_value(schema.attributes[a.name].default_value)
+                    == onnx.helper.get_attribute_value(a))
+                or (a.name in implied and a.ints and set(a.ints) == {implied[a.name]})]
+        for a in drop:
+            node.attribute.remove(a)
+    m.graph.doc_string, m.doc_string, m.producer_version = "", "", ""
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def export(model, path: Path, lean: bool = False) -> None:
+    """ONNX export via tools/train_lenet.py (dynamo=False, opset 17, checked), then our producer name; ``lean``:
+    through :func:`lean_graph`."""
     import onnx
 
     train_lenet.export(model, path)
     m = onnx.load(str(path))
     m.producer_name = "dcz tools/paper_lenet.py"
+    if lean:
+        m = lean_graph(m)
     onnx.save_model(m, str(path))
 
 
+#: Bytes after a rANS stream's frequency table that are not coded symbols: the two final u32 states (spec, 7).
+RANS_STATES_BYTES = 8
+
+
 def huffman_table_bytes(dcz: Path) -> dict[str, int]:
-    """Bytes of the canonical Huffman tables inside each tensor's coded streams (spec: u8 max_length, u8 reserved,
-    max_length u32 counts, then the symbols, one byte each for alphabets up to 256, else two)."""
+    """Bytes of the entropy coders' tables inside each tensor's coded streams: a Huffman stream's canonical table
+    (spec 6: header, u32 counts, symbols), a rANS stream's frequency table and final states (spec 7)."""
+    from dcformat import huffman, rans
+    from dcformat.constants import Coding
+
     out: dict[str, int] = {}
     with open_dcz(dcz) as f:
         for e in f.tensors:
@@ -307,10 +422,10 @@ def huffman_table_bytes(dcz: Path) -> dict[str, int]:
                     continue
                 alphabet = e.codebook_size if s.kind == StreamKind.CODES else 1 << e.index_bits
                 n = e.nnz if s.kind == StreamKind.CODES else e.position_entries
-                max_len = payload[0]
-                counts = struct.unpack_from(f"<{max_len}I", payload, 2)
-                symbols = sum(counts) if max_len else min(n, 1)  # a one-symbol code lists its symbol, no counts
-                total += 2 + 4 * max_len + (1 if alphabet <= 256 else 2) * symbols
+                if s.coding == Coding.RANS:
+                    total += rans._parse_table(memoryview(payload), alphabet, e.name)[1] + RANS_STATES_BYTES
+                else:
+                    total += huffman._parse_table(memoryview(payload), alphabet, n, e.name)[1]
             out[e.name] = total
     return out
 
@@ -331,8 +446,10 @@ class Run(NamedTuple):
     seconds: float
 
 
-def compress_and_measure(label: str, onnx_path: Path, policy: Policy, x: np.ndarray, y: np.ndarray) -> Run:
-    dcz = onnx_path.with_suffix(".dcz")
+def compress_and_measure(label: str, onnx_path: Path, policy: Policy, x: np.ndarray, y: np.ndarray,
+                         tag: str = "") -> Run:
+    """Compress ``onnx_path`` to ``<stem><tag>.dcz`` beside it and measure size and accuracy before and after."""
+    dcz = onnx_path.with_name(f"{onnx_path.stem}{tag}.dcz")
     t0 = time.perf_counter()
     result = dcformat.compress(onnx_path, dcz, policy, overwrite=True)
     secs = time.perf_counter() - t0
@@ -415,22 +532,30 @@ def summary_table(paper: PaperModel, runs: list[Run], dense_acc: float) -> str:
     return "\n".join(lines)
 
 
-def bytes_table(run: Run) -> str:
-    """Where the .dcz bytes went."""
-    b = run.breakdown
-    coded = [r for r in b.rows if r.layout != "raw"]
-    tables = sum(run.tables.values())
-    codes = sum(r.codes_bytes + r.positions_bytes for r in coded) - tables
+def bytes_table(runs: list[Run]) -> str:
+    """Where the .dcz bytes went, one column per run."""
+    def row(label: str, of) -> str:
+        return f"| {label} | " + " | ".join(of(r) for r in runs) + " |"
+
+    def coded(r: Run) -> list[LayerRow]:
+        return [x for x in r.breakdown.rows if x.layout != "raw"]
+
+    def tables(r: Run) -> int:
+        return sum(r.tables.values())
+
     lines = [
-        "| part | bytes |",
-        "|---|---|",
-        f"| weight codes + relative indices (Huffman bitstreams) | {codes:,} |",
-        f"| Huffman tables (canonical: counts per length + symbols) | {tables:,} |",
-        f"| codebooks (float32 shared values, zero included) | {sum(r.codebook_bytes for r in coded):,} |",
-        f"| raw tensors (biases, float32) | {sum(r.raw_bytes for r in b.rows):,} |",
-        f"| graph (ONNX without weights, xz) | {b.graph_bytes:,} |",
-        f"| header, section table, index, metadata | {b.overhead_bytes:,} |",
-        f"| **file** | **{b.file_bytes:,}** |",
+        "| part | " + " | ".join(r.label.split(" ", 1)[0] for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
+        row("weight codes + relative indices (Huffman / rANS bitstreams)",
+            lambda r: f"{sum(x.codes_bytes + x.positions_bytes for x in coded(r)) - tables(r):,}"),
+        row("entropy-coder tables (Huffman: counts per length + symbols; rANS: frequencies + states)",
+            lambda r: f"{tables(r):,}"),
+        row("codebooks (PLAIN: float32 shared values, zero included; GRID: 8 B + a float32 step)",
+            lambda r: f"{sum(x.codebook_bytes for x in coded(r)):,}"),
+        row("raw tensors (float32)", lambda r: f"{sum(x.raw_bytes for x in r.breakdown.rows):,}"),
+        row("graph (ONNX without weights, xz)", lambda r: f"{r.breakdown.graph_bytes:,}"),
+        row("header, section table, index, metadata", lambda r: f"{r.breakdown.overhead_bytes:,}"),
+        row("**file**", lambda r: f"**{r.breakdown.file_bytes:,}**"),
     ]
     return "\n".join(lines)
 
@@ -438,53 +563,111 @@ def bytes_table(run: Run) -> str:
 # --- main --------------------------------------------------------------------------------------------------------
 
 
-def run_model(name: str, train: bool, log, out: Path = OUT, weight_decay: float = WEIGHT_DECAY,
-              kmeans_iter: int = KMEANS_ITER, reuse: bool = False) -> str:
+class Options(NamedTuple):
+    """How one run trains and exports (the command-line switches)."""
+
+    train: bool = False
+    weight_decay: float = WEIGHT_DECAY
+    kmeans_iter: int = KMEANS_ITER
+    reuse: bool = False
+    grid: frozenset[str] = frozenset()  # layers whose shared values are trained on a uniform grid
+    bias_grid: bool = False  # biases trained on a uniform grid too
+    lean: bool = False  # export through lean_graph
+
+
+def _steps_path(quant_path: Path) -> Path:
+    """Where the trained grid steps of a quantized model are kept (JSON {weight name: step}); dcz needs the exact
+    float32 step to code a grid layer losslessly."""
+    return quant_path.with_suffix(".grid-steps.json")
+
+
+def run_model(name: str, log, out: Path = OUT, opts: Options | None = None) -> str:
+    opts = opts or Options()
     paper = PAPER[name]
     t0 = time.perf_counter()
     x_tr, y_tr, x_te, y_te = train_lenet.load_split()
     dense_path, pruned_path = out / f"{name}.dense.onnx", out / f"{name}.pruned.onnx"
     quant_path = out / f"{name}.pruned-quantized.onnx"
-    if reuse and dense_path.exists() and pruned_path.exists() and quant_path.exists():
+    if opts.reuse and dense_path.exists() and pruned_path.exists() and quant_path.exists():
         dense_acc = float((logits_of(dense_path, x_te).argmax(1) == y_te).mean())
         log(f"{paper.title}: reusing the models in {out} (dense test accuracy {dense_acc:.1%})")
+    elif opts.reuse and dense_path.exists() and pruned_path.exists():
+        dense_acc = float((logits_of(dense_path, x_te).argmax(1) == y_te).mean())
+        log(f"{paper.title}: reusing the pruned model in {out}; trained quantization only")
+        _quantize_pruned(name, paper, log, out, opts, x_tr, y_tr)
     else:
-        dense_acc = _train_prune_quantize(name, paper, train, log, out, weight_decay, kmeans_iter,
-                                          x_tr, y_tr, x_te, y_te)
+        dense_acc = _train_prune_quantize(name, paper, log, out, opts, x_tr, y_tr, x_te, y_te)
     t_train = time.perf_counter() - t0
-    return _compress_report(name, paper, dense_acc, pruned_path, quant_path, x_te, y_te, t0, t_train, log)
+    steps_path = _steps_path(quant_path)
+    steps = json.loads(steps_path.read_text()) if steps_path.exists() else {}
+    return _compress_report(name, paper, dense_acc, pruned_path, quant_path, steps, x_te, y_te, t0, t_train, log)
 
 
-def _train_prune_quantize(name, paper, train, log, out, weight_decay, kmeans_iter, x_tr, y_tr, x_te, y_te) -> float:
+def _quantize_and_export(model, name, paper, masks, log, out, opts, x_tr, y_tr, gen) -> None:
+    quant_path = out / f"{name}.pruned-quantized.onnx"
+    _, steps = trained_quantization(model, paper, masks, x_tr, y_tr, gen, log, opts.kmeans_iter, opts.grid,
+                                    opts.bias_grid)
+    export(model, quant_path, opts.lean)
+    steps_path = _steps_path(quant_path)
+    if steps:
+        steps_path.write_text(json.dumps(steps, indent=1) + "\n")
+    elif steps_path.exists():
+        steps_path.unlink()  # a stale file would code this model's layers on another model's grid
+
+
+def _quantize_pruned(name, paper, log, out, opts, x_tr, y_tr) -> None:
+    """Trained quantization of the pruned model already in ``out`` (its zeros are the masks)."""
     import torch
 
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     model = train_lenet.build(name)
-    if train:
+    load_dense(name, model, out / f"{name}.pruned.onnx")
+    model.eval()
+    params = dict(model.named_parameters())
+    masks = {n: params[n].detach() != 0 for n in _weight_names(paper)}
+    _quantize_and_export(model, name, paper, masks, log, out, opts, x_tr, y_tr, gen)
+
+
+def _train_prune_quantize(name, paper, log, out, opts, x_tr, y_tr, x_te, y_te) -> float:
+    import torch
+
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    model = train_lenet.build(name)
+    if opts.train:
         model, _ = train_lenet.train(name, x_tr, y_tr, train_lenet.EPOCHS[name])
     else:
         load_dense(name, model)
     model.eval()
     dense_path = out / f"{name}.dense.onnx"
-    export(model, dense_path)
+    export(model, dense_path, opts.lean)
     dense_acc = float((logits_of(dense_path, x_te).argmax(1) == y_te).mean())
-    log(f"{paper.title}: dense {'trained' if train else 'loaded'}, test accuracy {dense_acc:.1%}")
+    log(f"{paper.title}: dense {'trained' if opts.train else 'loaded'}, test accuracy {dense_acc:.1%}")
 
-    masks = prune_retrain(model, paper, x_tr, y_tr, gen, log, weight_decay)
-    export(model, out / f"{name}.pruned.onnx")
-    trained_quantization(model, paper, masks, x_tr, y_tr, gen, log, kmeans_iter)
-    export(model, out / f"{name}.pruned-quantized.onnx")
+    masks = prune_retrain(model, paper, x_tr, y_tr, gen, log, opts.weight_decay)
+    export(model, out / f"{name}.pruned.onnx", opts.lean)
+    _quantize_and_export(model, name, paper, masks, log, out, opts, x_tr, y_tr, gen)
     return dense_acc
 
 
-def _compress_report(name, paper, dense_acc, pruned_path, quant_path, x_te, y_te, t0, t_train, log) -> str:
-    policy = paper_policy(paper)
+def _grid_names(steps: dict) -> str:
+    """'conv1, conv2 and the biases' for the grid-trained tensors in ``steps``."""
+    names = [n.removesuffix(".weight") for n in steps if n.endswith(".weight")]
+    if any(n.endswith(".bias") for n in steps):
+        names.append("the biases")
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
+def _compress_report(name, paper, dense_acc, pruned_path, quant_path, steps, x_te, y_te, t0, t_train, log) -> str:
+    policy = paper_policy(paper)  # (a) is float: k-means for every layer
+    grid_note = f", {_grid_names(steps)} on a trained grid" if steps else ""
     runs = [
         compress_and_measure("(a) pruned + retrained float, dcz k-means", pruned_path, policy, x_te, y_te),
-        compress_and_measure("(b) pruned + trained quantization, dcz", quant_path, policy, x_te, y_te),
+        compress_and_measure(f"(b) pruned + trained quantization{grid_note}, dcz", quant_path,
+                             paper_policy(paper, steps=steps), x_te, y_te),
         compress_and_measure(f"(c) as (b), biases on a {BIAS_REL_ERROR:g} grid", quant_path,
-                             paper_policy(paper, biases=True), x_te, y_te),
+                             paper_policy(paper, biases=True, steps=steps), x_te, y_te, tag=".bias-grid"),
     ]
     for r in runs:
         log(f"  {r.label}: {r.onnx_bytes:,} -> {r.dcz_bytes:,} bytes ({r.onnx_bytes / r.dcz_bytes:.1f}x) in "
@@ -501,9 +684,9 @@ def _compress_report(name, paper, dense_acc, pruned_path, quant_path, x_te, y_te
         "",
         summary_table(paper, runs, dense_acc),
         "",
-        f"Bytes of the (b) file, `{best.dcz_path.name}`:",
+        "Bytes of the (b) and (c) files (codes, tables and codebooks count the coded biases of (c) too):",
         "",
-        bytes_table(best),
+        bytes_table(runs[1:]),
         "",
         *(["Model (a) per layer (the same densities; dcz's own k-means, no fine-tuning):", "",
            layer_table(paper, runs[0]), ""]
@@ -526,8 +709,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kmeans-iter", type=int, default=KMEANS_ITER,
                     help=f"Lloyd iterations after the linear init (default {KMEANS_ITER}; 0 keeps the linear grid)")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default .cache/paper)")
-    ap.add_argument("--reuse", action="store_true", help="reuse the pruned / quantized models already in --out")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the pruned / quantized models already in --out (only the pruned one: redo the trained "
+                         "quantization)")
+    ap.add_argument("--grid", default="",
+                    help="comma-separated layers (e.g. conv1,conv2) whose shared values train on a uniform grid "
+                         "(2**bits levels, zero one of them; the step is trained) and are stored as a GRID codebook")
+    ap.add_argument("--bias-grid", action="store_true",
+                    help=f"biases train on a uniform grid of 2**{BIAS_GRID_BITS} levels (step trained), coded exactly")
+    ap.add_argument("--lean-graph", action="store_true",
+                    help="export a leaner ONNX graph (short value names, no node names or default attributes)")
     args = ap.parse_args(argv)
+    grid = frozenset(filter(None, args.grid.split(",")))
+    known = {p.name for m in (args.model or sorted(PAPER)) for p in PAPER[m].layers}
+    if grid - known:
+        ap.error(f"--grid: no layer {', '.join(sorted(grid - known))} in {', '.join(args.model or sorted(PAPER))}")
+    opts = Options(args.train, args.weight_decay, args.kmeans_iter, args.reuse, grid, args.bias_grid, args.lean_graph)
 
     import torch
 
@@ -539,8 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    sections = [run_model(name, args.train, log, args.out, args.weight_decay, args.kmeans_iter, args.reuse)
-                for name in (args.model or ["lenet300", "lenet5"])]
+    sections = [run_model(name, log, args.out, opts) for name in (args.model or ["lenet300", "lenet5"])]
     cmd = " ".join(["python tools/paper_lenet.py", *(argv if argv is not None else sys.argv[1:])])
     md = "\n".join(sections) + f"\nTotal time {time.perf_counter() - t0:.0f} s (`{cmd}`).\n"
     (args.out / "tables.md").write_text(md)
