@@ -454,12 +454,15 @@ def _weight_slots(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[st
     return out
 
 
-def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs) -> dict[str, Importance]:
-    """The :class:`Importance` of each weight of a linear layer, from the energy of the layer's data input per
-    channel over ``inputs`` (one onnxruntime run per feed, with those inputs added as graph outputs). Weights
-    whose layer input cannot be observed, or whose shape does not match it, get none."""
+def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
+                     names: set[str] | None = None) -> dict[str, Importance]:
+    """The :class:`Importance` of each weight (of ``names``, default all) of a linear layer, from the energy of
+    the layer's data input per channel over ``inputs`` (one onnxruntime run per feed, with those inputs added as
+    graph outputs). ``weights`` are all the model's. Weights whose layer input cannot be observed, or whose shape
+    does not match it, get none."""
     model = rebuild(graph, {w.name: w.array for w in weights})
-    slots = _weight_slots(model, {w.name for w in weights if "#" not in w.name})
+    wanted = {w.name for w in weights if "#" not in w.name} if names is None else set(names)
+    slots = _weight_slots(model, wanted)
     graph_inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
     for act in sorted({a for a, *_ in slots.values()} - graph_inputs - outputs):
@@ -568,7 +571,7 @@ class Allocator:
         self.fixed = [w.name for w in comp if w.name not in probe.lifted]
         self.tensors = [w for w in comp if w.name in probe.lifted]
         say(f"probe: {len(self.tensors)} tensors fed as inputs, {len(self.fixed)} kept at the policy's settings")
-        self.importance = input_importance(graph, self.tensors, inputs) if weighted else {}
+        self.importance = input_importance(graph, weights, inputs, {w.name for w in self.tensors}) if weighted else {}
         say(f"importance: {len(self.importance)} tensors weighted by their layer's input energy")
         self.cands = {w.name: candidates(np.asarray(w.array), self.importance.get(w.name)) for w in self.tensors}
         say(f"candidates: {sum(len(c) for c in self.cands.values())} in {time.perf_counter() - t0:.1f} s")

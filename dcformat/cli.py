@@ -214,7 +214,8 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
                              "detail": verified.detail, "evaluations": alloc.evaluations,
                              "allocation_seconds": alloc.seconds,
                              "choices": [{"name": c.name, "rel_error": c.candidate.rel_error,
-                                          "per_channel": c.candidate.per_channel, "sensitivity": c.sensitivity}
+                                          "per_channel": c.candidate.per_channel,
+                                          "input_weighted": c.candidate.weighted, "sensitivity": c.sensitivity}
                                          for c in alloc.choices],
                              "kept_at_policy": alloc.fixed}
         click.echo(json.dumps(doc, indent=2))
@@ -226,10 +227,12 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
                    f"({result.ratio:.2f}x) in {seconds:.1f} s; {coded} of {len(result.tensors)} weights coded")
         if alloc is not None:
             pc = sum(c.candidate.per_channel for c in alloc.choices)
+            iw = sum(c.candidate.weighted and c.candidate.rel_error > 0 for c in alloc.choices)
             errs = sorted(c.candidate.rel_error for c in alloc.choices)
-            span = f", rounding error {errs[0]:.1e}..{errs[-1]:.1e} of channel RMS" if errs else ""
+            span = f", rounding error {errs[0]:.1e}..{errs[-1]:.1e} of channel or tensor RMS" if errs else ""
             click.echo(f"target {alloc.target}: {'met' if verified.met else 'NOT met'} on the {verified.on} "
-                       f"({verified.detail}); {len(alloc.choices)} tensors allocated ({pc} per-channel){span}; "
+                       f"({verified.detail}); {len(alloc.choices)} tensors allocated ({pc} per-channel, "
+                       f"{iw} with steps per layer input){span}; "
                        f"{alloc.evaluations} model runs in {alloc.seconds:.1f} s")
             click.echo(_fidelity_table(verified.fidelity))
         if result.fidelity is not None:
