@@ -58,6 +58,8 @@ QUANTIZERS = ("kmeans", "uniform", "eckmeans")
 #: rANS is coded to compare when its estimate is under Huffman's size plus this: the coded size is the
 #: estimate -5..+2 bytes (rans.ESTIMATE_SLACK); 8 leaves room, and a needless rANS encode is cheap.
 RANS_ESTIMATE_MARGIN = 8
+#: Elements whose reference values a GRID tensor computes at a time: bounds that step's temporaries to 8 MiB.
+GRID_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -279,9 +281,9 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
     if not np.isfinite(values).all():
         return _raw(t.name, dtype, stored, t.kind, "holds NaN or Inf")
 
+    if s.quantizer == "uniform":  # the mask is handed over, not kept here: the grid coder frees it early
+        return _encode_grid(t, dtype, stored, values, _mask(values, s, t.name))
     mask = _mask(values, s, t.name)
-    if s.quantizer == "uniform":
-        return _encode_grid(t, dtype, stored, values, mask)
     kept = values[mask]
     include_zero = kept.size < values.size
     if kept.size == 0:
@@ -320,7 +322,10 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
 
 
 def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.ndarray, mask: np.ndarray) -> EncodedTensor:
-    """The uniform quantizer: integer levels on a per-tensor or per-channel grid, stored as a GRID codebook."""
+    """The uniform quantizer: integer levels on a per-tensor or per-channel grid, stored as a GRID codebook.
+
+    Besides ``stored``, one tensor-sized float array is alive at a time: the levels, then (overwritten in
+    place) the reference values; the codes and, when SPARSE is worth trying, its mask come on top."""
     s = t.settings
     x = values.reshape(stored.shape)
     axis = quantize.channel_axis(x) if s.per_channel else None
@@ -328,24 +333,39 @@ def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.nd
     if s.step:
         axis = None
     grid = quantize.grid_quantize(x, steps, axis, None if mask.all() else mask)
-    del x, values
-    q = grid.q.reshape(-1)  # integers in float32 (float64 for float64 tensors)
-    q_min = min(int(q.min()), 0) if q.size else 0
-    levels = int(q.max()) - q_min + 1 if q.size else 1
-    reference = quantize.grid_values(grid.q, grid.scales, axis, _rounding_dtype(dtype))
+    del x, values, mask
+    levels_q, scales = np.ascontiguousarray(grid.q), grid.scales  # integers in float32 (float64 for float64 tensors)
+    del grid
+    q = levels_q.reshape(-1)
+    q_min = min(int(q.min()), 0)
+    levels = int(q.max()) - q_min + 1
+    nonzero = int(np.count_nonzero(q))
+    stored_mask = None  # the elements SPARSE stores: only when it has a chance (see SPARSE_MAX_DENSITY)
+    if nonzero < q.size and not (s.layout == "auto" and nonzero / q.size > SPARSE_MAX_DENSITY):
+        stored_mask = q != 0
+    codes_full = np.empty(q.size, dtype=np.uint16)
+    np.subtract(q, q_min, out=codes_full, casting="unsafe")  # exact integers: no rounding
+    # Reference values over the levels' own memory when the storage type is the working type, a chunk at a
+    # time (grid_values is elementwise, so chunks give the same bits as one call on the whole tensor).
+    storage = _rounding_dtype(dtype)
+    reference = levels_q if levels_q.dtype == storage else np.empty(levels_q.shape, dtype=storage)
+    if axis is None:
+        src, dst, ax = q, reference.reshape(-1), None
+    elif axis == 0:
+        src, dst, ax = levels_q.reshape(levels_q.shape[0], -1), reference.reshape(levels_q.shape[0], -1), 0
+    else:
+        src, dst, ax = levels_q.reshape(-1, levels_q.shape[axis]), reference.reshape(-1, levels_q.shape[axis]), 1
+    rows = max(1, GRID_CHUNK // (src[0].size if src.ndim > 1 else 1))
+    for start in range(0, src.shape[0], rows):
+        part = slice(start, start + rows)
+        dst[part] = quantize.grid_values(src[part], scales[part] if ax == 0 else scales, ax, storage)
+    del levels_q, q, src, dst
     if dtype == DType.BFLOAT16:
         reference = reference.view(np.uint16)
-    stored_mask = q != 0
-    if t.settings.layout == "auto" and stored_mask.mean() > SPARSE_MAX_DENSITY:
-        stored_mask = None  # too few zeros for SPARSE to pay (see SPARSE_MAX_DENSITY)
-    q -= q_min  # in place: the codes, still exact integers
-    codes_full = q.astype(np.uint16)
-    del q
     header = struct.pack("<B3xi", GRID_AXIS_NONE if axis is None else axis, q_min)
-    cb_payload = header + grid.scales.astype("<f4").tobytes()
+    cb_payload = header + scales.astype("<f4").tobytes()
     code_bits = max(1, (levels - 1).bit_length())
-    return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full,
-                 None if stored_mask is None or stored_mask.all() else stored_mask, reference)
+    return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full, stored_mask, reference)
 
 
 def _pack(
