@@ -10,15 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 
-from . import __version__, prune
-from .codec import EncodedTensor, TensorInput, decode_tensor, iter_tensors, write_dcz
+from . import __version__, codec, prune
+from .codec import TensorInput, decode_tensor, iter_tensors
 from .constants import NUMPY_DTYPES, DType, TensorKind
-from .container import ReadLimits, open_dcz
+from .container import DczWriter, ReadLimits, open_dcz
 from .errors import InputError
 from .onnx_ingest import WeightRef, _resolve_location, iter_all_tensors, load_model, scan_model
 from .onnx_rebuild import SlotSpec, rebuild, write_model
@@ -27,6 +27,12 @@ from .select import Policy
 __all__ = ["TensorReport", "CompressResult", "compress", "decompress", "load", "model_bytes_on_disk"]
 
 GRAPH_FORMAT = "onnx.ModelProto"
+#: glibc's malloc serves blocks below a moving threshold from its heap (each large block freed raises it, up to
+#: 32 MiB) and keeps up to twice that freed but resident; compress frees tensor-sized temporaries all the time,
+#: and that heuristic held 10-40 MiB more at its peaks (ddddocr). Fixed (by set_malloc_threshold) at glibc's initial value, every block
+#: above it goes back to the system when freed (M_MMAP_THRESHOLD = -3 in glibc's malloc.h).
+MALLOC_MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3
 #: Called as progress(done, total, tensor name) while tensors are processed.
 Progress = Callable[[int, int, str], None]
 
@@ -144,19 +150,6 @@ def compress(
     need_refs = check or keep_references
     total = len(weights)
 
-    def inputs() -> Iterator[TensorInput]:
-        for w in weights:
-            settings = policy.settings_for(w.name, w.kind, w.size, threshold=threshold)
-            yield TensorInput(w.name, w.load(), settings, _dtype_code(w), _kind_code(w.kind))
-
-    def on_tensor(enc: EncodedTensor) -> None:
-        e = enc.entry
-        reports.append(TensorReport(e.name, e.kind_name, e.shape, e.layout.name.lower(), e.nbytes, e.stored_bytes, enc.note))
-        if need_refs:
-            refs[e.name] = enc.reference
-        if progress is not None:
-            progress(len(reports), total, e.name)
-
     meta = {
         "dcz.graph_format": GRAPH_FORMAT,
         "dcz.writer": f"dcz {__version__}",
@@ -165,7 +158,22 @@ def compress(
         "dcz.policy": policy.to_json(),
     }
     meta.update(metadata or {})
-    size = write_dcz(out, inputs(), graph=graph, metadata=meta, on_tensor=on_tensor)
+    # codec.write_dcz's loop, written out so that one weight at a time is alive: each weight's array, reference and
+    # payloads are dropped before the next weight is read and before finish (whose xz coder touches 64 MiB).
+    with DczWriter(out) as writer:
+        for w in weights:
+            settings = policy.settings_for(w.name, w.kind, w.size, threshold=threshold)
+            enc = codec.encode_tensor(TensorInput(w.name, w.load(), settings, _dtype_code(w), _kind_code(w.kind)))
+            writer.add_tensor(enc.entry, enc.payloads)
+            e = enc.entry
+            reports.append(TensorReport(e.name, e.kind_name, e.shape, e.layout.name.lower(), e.nbytes, e.stored_bytes,
+                                        enc.note))
+            if need_refs:
+                refs[e.name] = enc.reference
+            del enc
+            if progress is not None:
+                progress(len(reports), total, e.name)
+        size = writer.finish(graph, meta)
     fidelity = None
     if check:
         from . import fidelity as fid  # imports onnxruntime: only when asked
@@ -173,6 +181,27 @@ def compress(
         rebuilt = rebuild(graph, refs)
         fidelity = fid.check_models(load_model(src), rebuilt, check_inputs)
     return CompressResult(out, scanned.original_bytes, size, reports, fidelity, refs if keep_references else None)
+
+
+def set_malloc_threshold() -> None:
+    """Set glibc's mmap threshold to MALLOC_MMAP_THRESHOLD (elsewhere, or if it fails, nothing). It is process-wide
+    and cannot be undone, so the library never calls it: the ``dcz`` command does, and so may a program whose
+    only big job is compressing."""
+    global _malloc_fixed
+    if _malloc_fixed:
+        return
+    _malloc_fixed = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
+            libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # pragma: no cover - no C library to load
+        pass
+
+
+_malloc_fixed = False
 
 
 def _dtype_code(w: WeightRef) -> DType | None:

@@ -176,6 +176,7 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
         check = True
     if calibration_path is not None and target is None:
         raise click.UsageError("--calibration is used by --target; give --target too (or --inputs for a check)")
+    api.set_malloc_threshold()  # freed tensor-sized buffers go back to the system (see api.MALLOC_MMAP_THRESHOLD)
     t0 = time.perf_counter()
     alloc = None
     if target is not None:

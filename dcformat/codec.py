@@ -59,6 +59,8 @@ QUANTIZERS = ("kmeans", "uniform", "eckmeans")
 #: rANS is coded to compare when its estimate is under Huffman's size plus this: the coded size is the
 #: estimate -5..+2 bytes (rans.ESTIMATE_SLACK); 8 leaves room, and a needless rANS encode is cheap.
 RANS_ESTIMATE_MARGIN = 8
+#: Elements whose reference values a GRID tensor computes at a time: bounds that step's temporaries to 8 MiB.
+GRID_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -298,9 +300,9 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
     if not np.isfinite(values).all():
         return _raw(t.name, dtype, stored, t.kind, "holds NaN or Inf")
 
+    if s.quantizer == "uniform":  # the mask is handed over, not kept here: the grid coder frees it early
+        return _encode_grid(t, dtype, stored, values, _mask(values, s, t.name))
     mask = _mask(values, s, t.name)
-    if s.quantizer == "uniform":
-        return _encode_grid(t, dtype, stored, values, mask)
     kept = values[mask]
     include_zero = kept.size < values.size
     if kept.size == 0:
@@ -340,40 +342,57 @@ def encode_tensor(t: TensorInput) -> EncodedTensor:
 
 def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.ndarray, mask: np.ndarray) -> EncodedTensor:
     """The uniform quantizer: integer levels on a per-tensor, per-channel or two-axis grid, stored as a GRID
-    codebook."""
+    codebook.
+
+    Besides ``stored``, one tensor-sized float array is alive at a time: the levels, then (overwritten in
+    place) the reference values; the codes and, when SPARSE is worth trying, its mask come on top."""
     s = t.settings
     try:
         x = values.reshape(stored.shape)
-        grid = quantize.make_grid(x, s.rel_error, quantize.channel_axis(x, s.input_axis) if s.per_channel else None, step=s.step,
-                                  input_axis=s.input_axis, input_steps=s.input_steps,
+        grid = quantize.make_grid(x, s.rel_error, quantize.channel_axis(x, s.input_axis) if s.per_channel else None,
+                                  step=s.step, input_axis=s.input_axis, input_steps=s.input_steps,
                                   keep=None if mask.all() else mask)
-        del x
     except InputError as exc:
         raise InputError(f"tensor {t.name!r}: {exc}") from None
-    del values
-    q = grid.q.reshape(-1)  # integers in float32 (float64 for float64 tensors)
-    q_min = min(int(q.min()), 0) if q.size else 0
-    levels = int(q.max()) - q_min + 1 if q.size else 1
-    if _grid_overflow(dtype, max(-q_min, q_min + levels - 1), grid.scales, grid.scales2) is not None:
+    del x, values, mask
+    levels_q = np.ascontiguousarray(grid.q)  # integers in float32 (float64 for float64 tensors)
+    scales, axis, scales2, axis2 = grid.scales, grid.axis, grid.scales2, grid.axis2
+    del grid
+    q = levels_q.reshape(-1)
+    q_min = min(int(q.min()), 0)
+    levels = int(q.max()) - q_min + 1
+    if _grid_overflow(dtype, max(-q_min, q_min + levels - 1), scales, scales2) is not None:
         # Only a level of one slice times a scale of another can pass the type's range: rare, kept exact.
         return _raw(t.name, dtype, stored, t.kind, "its grid fails the reader's range check (largest level x scales)")
-    reference = quantize.grid_values(grid.q, grid.scales, grid.axis, _rounding_dtype(dtype), grid.scales2, grid.axis2)
+    nonzero = int(np.count_nonzero(q))
+    stored_mask = None  # the elements SPARSE stores: only when it has a chance (see SPARSE_MAX_DENSITY)
+    if nonzero < q.size and not (s.layout == "auto" and nonzero / q.size > SPARSE_MAX_DENSITY):
+        stored_mask = q != 0
+    codes_full = np.empty(q.size, dtype=np.uint16)
+    np.subtract(q, q_min, out=codes_full, casting="unsafe")  # exact integers: no rounding
+    del q
+    # Reference values over the levels' own memory when the storage type is the working type, a block of
+    # leading-axis rows at a time (grid_values is elementwise, so blocks give the same bits as one call).
+    storage = _rounding_dtype(dtype)
+    reference = levels_q if levels_q.dtype == storage else np.empty(levels_q.shape, dtype=storage)
+    if levels_q.ndim == 0:
+        reference[...] = quantize.grid_values(levels_q, scales, axis, storage)
+    else:
+        rows = max(1, GRID_CHUNK // max(1, levels_q[0].size))
+        for start in range(0, levels_q.shape[0], rows):
+            part = slice(start, start + rows)
+            reference[part] = quantize.grid_values(
+                levels_q[part], scales[part] if axis == 0 else scales, axis, storage,
+                None if scales2 is None else (scales2[part] if axis2 == 0 else scales2), axis2)
+    del levels_q
     if dtype == DType.BFLOAT16:
         reference = reference.view(np.uint16)
-    stored_mask = q != 0
-    if t.settings.layout == "auto" and stored_mask.mean() > SPARSE_MAX_DENSITY:
-        stored_mask = None  # too few zeros for SPARSE to pay (see SPARSE_MAX_DENSITY)
-    q -= q_min  # in place: the codes, still exact integers
-    codes_full = q.astype(np.uint16)
-    del q
-    header = struct.pack("<BB2xi", GRID_AXIS_NONE if grid.axis is None else grid.axis,
-                         0 if grid.axis2 is None else grid.axis2 + 1, q_min)
-    cb_payload = header + grid.scales.astype("<f4").tobytes()
-    if grid.scales2 is not None:
-        cb_payload += grid.scales2.astype("<f4").tobytes()
+    header = struct.pack("<BB2xi", GRID_AXIS_NONE if axis is None else axis, 0 if axis2 is None else axis2 + 1, q_min)
+    cb_payload = header + scales.astype("<f4").tobytes()
+    if scales2 is not None:
+        cb_payload += scales2.astype("<f4").tobytes()
     code_bits = max(1, (levels - 1).bit_length())
-    return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full,
-                 None if stored_mask is None or stored_mask.all() else stored_mask, reference)
+    return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full, stored_mask, reference)
 
 
 def _pack(

@@ -77,10 +77,14 @@ def test_input_steps_put_the_error_where_asked():
     rel_err = np.abs(out.astype(np.float64) - x) / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1, keepdims=True))
     ratio = rel_err[:, 1::2].mean() / rel_err[:, ::2].mean()
     assert 7 < ratio < 13
-    # Steps along the channel axis itself fold into the one axis: no second scale vector.
-    one = encode_tensor(TensorInput("w", x, CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True,
-                                                             input_axis=0, input_steps=(2.0,) * 16)))
+    # Per tensor, the input steps are the grid's one axis: no second scale vector.
+    one = encode_tensor(TensorInput("w", x, CompressSettings(quantizer="uniform", rel_error=0.01, input_axis=0,
+                                                             input_steps=(2.0,) * 16)))
     assert struct.unpack_from("<BB", one.payloads[0]) == (0, 0) and one.entry.streams[0].length == 8 + 4 * 16
+    # Per channel, the channel axis is never the inputs' own: here the other end, axis 1.
+    two = encode_tensor(TensorInput("w", x, CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True,
+                                                             input_axis=0, input_steps=(2.0,) * 16)))
+    assert struct.unpack_from("<BB", two.payloads[0]) == (1, 1)
 
 
 @pytest.mark.parametrize("kwargs, match", [

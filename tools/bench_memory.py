@@ -52,6 +52,7 @@ if trace:
     tracemalloc.start(8)
 t0 = time.perf_counter()
 if step == "compress":
+    api.set_malloc_threshold()  # as the dcz command does
     api.compress(src, dst, overwrite=True)
 else:
     api.decompress(src, dst, overwrite=True)
