@@ -20,6 +20,7 @@ Only numpy and onnxruntime are used; nothing here depends on a training framewor
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import time
@@ -32,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import fidelity, quantize
+from .constants import GRID_MAX_LEVEL
 from .errors import InputError
 from .onnx_ingest import Weight
 from .onnx_rebuild import rebuild
@@ -66,6 +68,9 @@ REFINE_SHARE = 0.9
 #: resolution: its step is at most 1/sqrt of this (10x) the step of an average input. Of 1e-3, 1e-2 and 1e-1,
 #: 1e-2 gave the smallest LeNet-300-100 and digits-MLP files at rel L2 1e-2 on held-out digits.
 INPUT_ENERGY_FLOOR = 1e-2
+#: Inputs of a Gemm / MatMul layer up to which the full input second-moment matrix is measured (8 bytes x n^2:
+#: 128 MiB at the bound) and rounding errors are compensated across inputs (quantize.compensated_levels).
+COMPENSATE_MAX_INPUTS = 4096
 #: Ops whose weight input is multiplied with a data input along a known axis, and so can be weighted by it.
 _LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: Huffman table cost per level used (2-byte symbol plus its share of the counts) and GRID header, in bits.
@@ -368,11 +373,27 @@ def _rate_bits(q: np.ndarray) -> float:
 
 
 def _grid(x: np.ndarray, axis: int | None, rel_error: float, imp: "Importance | None" = None,
-          step: float | None = None) -> tuple[quantize.Grid, np.ndarray]:
-    """The codec's grid for these settings (``imp``: with its input steps) and the values it decodes to."""
+          step: float | None = None, *, compensate: bool = True) -> tuple[quantize.Grid, np.ndarray]:
+    """The codec's grid for these settings (``imp``: with its input steps, and error-compensating rounding where
+    it has a hessian) and the values it decodes to."""
     g = quantize.make_grid(x, rel_error, axis, step=step, input_axis=None if imp is None else imp.axis,
                            input_steps=None if imp is None else imp.steps)
+    if compensate and imp is not None and imp.hessian is not None:
+        g = _compensated(x, g, imp)
     return g, quantize.grid_values(g.q, g.scales, g.axis, np.dtype(x.dtype), g.scales2, g.axis2)
+
+
+def _compensated(x: np.ndarray, g: quantize.Grid, imp: Importance) -> quantize.Grid:
+    """``g`` with its levels rounded by error compensation across the layer's inputs (same scales), unless the
+    levels would then span more codes than a grid may hold."""
+    steps = quantize.grid_values(np.ones(x.shape, dtype=np.float32), g.scales, g.axis, np.dtype(np.float32),
+                                 g.scales2, g.axis2)
+    q = quantize.compensated_levels(imp.rows(x), imp.rows(steps), imp.factor)
+    q = q if imp.axis == 1 else q.T
+    lo, hi = min(float(q.min()), 0.0), max(float(q.max()), 0.0)
+    if hi - lo + 1 > quantize.MAX_K or max(-lo, hi) > GRID_MAX_LEVEL:
+        return g
+    return g._replace(q=q.astype(g.q.dtype))
 
 
 def _grid_bits(g: quantize.Grid) -> float:
@@ -413,6 +434,14 @@ class Importance:
 
     axis: int
     weight: np.ndarray  # float64, one per slice along axis, mean about 1
+    #: 2-D weights with at most COMPENSATE_MAX_INPUTS inputs: the inputs' second-moment matrix over the mean
+    #: energy, plus INPUT_ENERGY_FLOOR on the diagonal (damping, as ``weight`` is floored), from the even rows of
+    #: the calibration activations. Rounding then compensates errors across inputs with it.
+    hessian: np.ndarray | None = None
+    #: The same from the odd rows: the output error of the layer for a weight change d (rows: outputs) is
+    #: ``sum over rows of d H d^T`` with this one, which the rounding has not seen (rounding that fits the
+    #: calibration inputs looks better on them than on any other input).
+    check: np.ndarray | None = None
 
     @property
     def steps(self) -> np.ndarray:
@@ -420,6 +449,15 @@ class Importance:
 
     def broadcast(self, ndim: int) -> np.ndarray:
         return self.weight.reshape(tuple(-1 if a == self.axis else 1 for a in range(ndim)))
+
+    @functools.cached_property
+    def factor(self) -> np.ndarray:
+        """quantize.compensation_factor of the hessian (computed once per tensor)."""
+        return quantize.compensation_factor(self.hessian)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """A 2-D weight as [outputs, inputs] (a view)."""
+        return x if self.axis == 1 else x.T
 
 
 def _weight_slots(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[str, int, int]]:
@@ -468,6 +506,8 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
     for act in sorted({a for a, *_ in slots.values()} - graph_inputs - outputs):
         model.graph.output.append(onnx.ValueInfoProto(name=act))
     acts = {act: ch for act, ch, _ in slots.values()}
+    sizes = {w.name: w.array.shape for w in weights}
+    full = {slots[n][0] for n in slots if len(sizes[n]) == 2 and sizes[n][slots[n][2]] <= COMPENSATE_MAX_INPUTS}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feeds in _feeds_list(inputs):
@@ -480,25 +520,42 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
             if a.dtype.kind != "f" or a.ndim == 0 or not a.size:
                 continue
             a = np.moveaxis(a, ch, -1).reshape(-1, a.shape[ch]).astype(np.float64)
-            sums[act] = sums.get(act, 0.0) + np.einsum("ij,ij->j", a, a)
+            if act in full and a.shape[1] <= COMPENSATE_MAX_INPUTS:
+                m = np.stack([a[0::2].T @ a[0::2], a[1::2].T @ a[1::2]])  # fit and check halves
+            else:
+                m = np.einsum("ij,ij->j", a, a)
+            if act in sums and sums[act].shape != m.shape:
+                continue
+            sums[act] = sums.get(act, 0.0) + m
             counts[act] = counts.get(act, 0) + a.shape[0]
     del model
-    sizes = {w.name: w.array.shape for w in weights}
     out = {}
     for name, (act, _, axis) in slots.items():
         if act not in sums:
             continue
-        e = sums[act] / counts[act]
+        m = sums[act] / counts[act]
+        e = (np.diag(m[0]) + np.diag(m[1])) if m.ndim == 3 else m
         shape = sizes[name]
-        if not (len(shape) > axis and shape[axis] == e.size and np.isfinite(e).all() and e.mean() > 0):
+        if not (len(shape) > axis and shape[axis] == e.size and np.isfinite(m).all() and e.mean() > 0):
             continue
-        w = e / e.mean()
-        out[name] = Importance(axis, np.maximum(w, INPUT_ENERGY_FLOOR))
+        scale = e.mean()
+        w = np.maximum(e / scale, INPUT_ENERGY_FLOOR)
+        h = c = None
+        if m.ndim == 3 and len(shape) == 2 and counts[act] >= 2:
+            h, c = (part / np.trace(part) * e.size for part in m)  # each half over its own mean energy
+            for part in (h, c):
+                part[np.diag_indices(e.size)] += INPUT_ENERGY_FLOOR  # damping: few samples leave x^T x singular
+        out[name] = Importance(axis, w, h, c)
     return out
 
 
 def _sq_error(x64: np.ndarray, values: np.ndarray, imp: Importance | None) -> float:
+    """Squared error of ``values`` against ``x64``, weighted by the importance of each input (with a hessian: the
+    layer's output error on the calibration inputs, over their mean energy)."""
     d = values.astype(np.float64) - x64
+    if imp is not None and imp.check is not None:
+        r = imp.rows(d)
+        return float(np.einsum("ij,ij->", r @ imp.check, r))
     d *= d
     if imp is not None:
         d *= imp.broadcast(d.ndim)
@@ -546,7 +603,8 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
     for i, w in enumerate(todo, 1):
         x = np.asarray(w.array)
         imp = (importance or {}).get(w.name)
-        values = _grid(x, quantize.channel_axis(x, None if imp is None else imp.axis), error, imp)[1]
+        # Plain rounding (no compensation, which fits the calibration inputs and so looks too good on them).
+        values = _grid(x, quantize.channel_axis(x, None if imp is None else imp.axis), error, imp, compensate=False)[1]
         sq = _sq_error(x.astype(np.float64), values, imp)
         try:
             out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
@@ -590,6 +648,16 @@ class Allocator:
         chosen = [TensorChoice(w.name, int(w.array.size), self.s[w.name], choice[w.name], self.importance.get(w.name))
                   for w in self.tensors]
         return Allocation(Target("rel_l2", 0.5), chosen, self.fixed, [], False, 0, 0, 0.0).policy(base)
+
+    def grids_for(self, choice: Mapping[str, Candidate]) -> dict[str, quantize.Grid]:
+        """The grids of the chosen candidates whose levels come from error-compensating rounding (which the codec
+        cannot redo from settings alone): pass them to ``api.compress(grids=...)`` with :meth:`policy_for`."""
+        out = {}
+        for n, c in choice.items():
+            imp = self.importance.get(n)
+            if c.rel_error and c.weighted and imp is not None and imp.hessian is not None:
+                out[n] = _grid(np.asarray(self.arrays[n]), c.axis, c.rel_error, imp, c.step)[0]
+        return out
 
     def choose(self, lam: float) -> dict[str, Candidate]:
         return {n: min(cs, key=lambda c: c.bits + lam * self.s[n] * c.sq_error) for n, cs in self.cands.items()}
@@ -728,9 +796,13 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
         calibration = calibration_inputs(model, None, warn=log)
     graph, weights = extract_weights(model)
     del model
-    alloc = allocate(graph, weights, policy, calibration, target, log=log, progress=None)
-    del graph, weights
-    result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, progress=progress,
+    a = Allocator(graph, weights, policy, calibration, log=log)
+    alloc = a.solve(target)
+    alloc.evaluations = a.probe.runs
+    alloc.seconds += a.setup_seconds
+    grids = a.grids_for({c.name: c.candidate for c in alloc.choices})
+    del graph, weights, a
+    result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, progress=progress, grids=grids,
                           metadata={"dcz.target": str(target), "dcz.target_met_on_calibration": str(alloc.met).lower()})
     inputs = check_inputs if check_inputs is not None else calibration
     reference = run_all(load_model(model_path), inputs)

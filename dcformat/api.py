@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
-from . import __version__, codec, prune
+from . import __version__, codec, prune, quantize  # noqa: F401 (quantize: the grids' type)
 from .codec import TensorInput, decode_tensor, iter_tensors
 from .constants import NUMPY_DTYPES, DType, TensorKind
 from .container import DczWriter, ReadLimits, open_dcz
@@ -116,6 +116,7 @@ def compress(
     keep_references: bool = False,
     progress: Progress | None = None,
     metadata: Mapping[str, str] | None = None,
+    grids: Mapping[str, "quantize.Grid"] | None = None,
 ) -> CompressResult:
     """Compress an ONNX model into a .dcz file (written atomically).
 
@@ -127,6 +128,8 @@ def compress(
             ``check_inputs`` (default: random inputs from the declared shapes) and report fidelity.
         keep_references: return the exact decoded values of every weight in ``result.references``.
         progress: called after each tensor.
+        grids: per weight name, the levels and scales to store (``--target``'s error-compensating rounding);
+            the policy must give those weights uniform settings.
 
     Raises:
         InputError: unreadable model, bad settings, output exists or is the input.
@@ -163,7 +166,10 @@ def compress(
     with DczWriter(out) as writer:
         for w in weights:
             settings = policy.settings_for(w.name, w.kind, w.size, threshold=threshold)
-            enc = codec.encode_tensor(TensorInput(w.name, w.load(), settings, _dtype_code(w), _kind_code(w.kind)))
+            grid = (grids or {}).get(w.name)
+            if grid is not None and (settings is None or settings.quantizer != "uniform"):
+                raise InputError(f"tensor {w.name!r}: a grid is given but the policy does not store it on a uniform grid")
+            enc = codec.encode_tensor(TensorInput(w.name, w.load(), settings, _dtype_code(w), _kind_code(w.kind), grid))
             writer.add_tensor(enc.entry, enc.payloads)
             e = enc.entry
             reports.append(TensorReport(e.name, e.kind_name, e.shape, e.layout.name.lower(), e.nbytes, e.stored_bytes,

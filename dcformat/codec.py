@@ -153,6 +153,9 @@ class TensorInput(NamedTuple):
 
     ``dtype`` defaults to the array's; pass ``DType.BFLOAT16`` for bfloat16 given as
     uint16 bit patterns (``ml_dtypes.bfloat16`` arrays are recognised by themselves).
+    ``grid`` (with uniform settings) gives the levels and scales chosen upstream, e.g. by the allocation's
+    error-compensating rounding, instead of rounding ``array`` to its nearest levels; ``settings`` then only
+    say how to lay the codes out.
     """
 
     name: str
@@ -160,6 +163,7 @@ class TensorInput(NamedTuple):
     settings: CompressSettings | None = None
     dtype: DType | None = None
     kind: int = TensorKind.OTHER
+    grid: quantize.Grid | None = None
 
 
 @dataclass(frozen=True)
@@ -349,9 +353,12 @@ def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.nd
     s = t.settings
     try:
         x = values.reshape(stored.shape)
-        grid = quantize.make_grid(x, s.rel_error, quantize.channel_axis(x, s.input_axis) if s.per_channel else None,
-                                  step=s.step, input_axis=s.input_axis, input_steps=s.input_steps,
-                                  keep=None if mask.all() else mask)
+        if t.grid is not None:
+            grid = _given_grid(t.grid, x.shape)
+        else:
+            grid = quantize.make_grid(x, s.rel_error, quantize.channel_axis(x, s.input_axis) if s.per_channel else None,
+                                      step=s.step, input_axis=s.input_axis, input_steps=s.input_steps,
+                                      keep=None if mask.all() else mask)
     except InputError as exc:
         raise InputError(f"tensor {t.name!r}: {exc}") from None
     del x, values, mask
@@ -393,6 +400,30 @@ def _encode_grid(t: TensorInput, dtype: DType, stored: np.ndarray, values: np.nd
         cb_payload += scales2.astype("<f4").tobytes()
     code_bits = max(1, (levels - 1).bit_length())
     return _pack(t, dtype, stored, (Coding.GRID, cb_payload), levels, code_bits, codes_full, stored_mask, reference)
+
+
+def _given_grid(g: quantize.Grid, shape: tuple[int, ...]) -> quantize.Grid:
+    """A grid given with the tensor, checked as a reader would check it, with its levels as a fresh float array."""
+    q = np.asarray(g.q)
+    if q.shape != shape:
+        raise InputError(f"grid levels of shape {list(q.shape)} for a tensor of shape {list(shape)}")
+    ndim = len(shape)
+    if g.scales2 is not None and (g.axis is None or g.axis2 is None or g.axis2 == g.axis):
+        raise InputError("a second grid scale vector needs two different axes")
+    for sc, ax in ((g.scales, g.axis), (g.scales2, g.axis2)):
+        if sc is None:
+            continue
+        sc = np.asarray(sc)
+        if ax is not None and not 0 <= ax < ndim:
+            raise InputError(f"grid axis {ax} is not an axis of shape {list(shape)}")
+        if sc.ndim != 1 or sc.size != (1 if ax is None else shape[ax]) or not (np.isfinite(sc).all() and (sc > 0).all()):
+            raise InputError("grid scales must be positive and finite, one per slice of their axis")
+    levels = q.astype(np.float64, copy=True)
+    if q.size and (not np.array_equal(levels, np.rint(levels)) or np.abs(levels).max() > GRID_MAX_LEVEL or
+                   levels.max() - min(levels.min(), 0) + 1 > quantize.MAX_K):
+        raise InputError(f"grid levels must be integers within +-{GRID_MAX_LEVEL} spanning at most {quantize.MAX_K}")
+    return g._replace(q=levels, scales=np.asarray(g.scales, dtype=np.float32),
+                      scales2=None if g.scales2 is None else np.asarray(g.scales2, dtype=np.float32))
 
 
 def _pack(

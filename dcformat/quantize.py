@@ -713,6 +713,44 @@ def make_grid(x: np.ndarray, rel_error: float | None, axis: int | None, *, step:
     return grid_quantize(x, steps, axis, keep, t, input_axis)
 
 
+#: Columns rounded one by one before their errors are pushed to the rest with one matrix product (GPTQ's lazy
+#: batch): the loop runs per column on a block, and the big update is BLAS.
+COMPENSATE_BLOCK = 128
+
+
+def compensation_factor(hessian: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor U of H^-1 (H = U^T U inverted): row j of U spreads column j's rounding error
+    over the later columns in :func:`compensated_levels`."""
+    try:
+        return np.linalg.cholesky(np.linalg.inv(hessian)).T
+    except np.linalg.LinAlgError:
+        raise InputError("the input second-moment matrix is not positive definite") from None
+
+
+def compensated_levels(w: np.ndarray, steps: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """Levels for ``w`` [rows, cols] on the grid ``steps`` (broadcastable to w), rounding one column (input) at a
+    time and spreading each column's rounding error over the columns not yet rounded so that the layer's output
+    on inputs of second moment H changes least (``factor``: :func:`compensation_factor` of H, [cols, cols]):
+    Optimal Brain Surgeon's compensation, done column-wise as in GPTQ (Frantar et al. 2022). Returns float64
+    integers, shaped like w."""
+    w = np.array(w, dtype=np.float64)
+    rows, cols = w.shape
+    steps = np.broadcast_to(np.asarray(steps, dtype=np.float64), w.shape)
+    u = factor
+    q = np.empty_like(w)
+    for b0 in range(0, cols, COMPENSATE_BLOCK):
+        b1 = min(b0 + COMPENSATE_BLOCK, cols)
+        errs = np.empty((rows, b1 - b0))
+        for j in range(b0, b1):
+            q[:, j] = np.rint(w[:, j] / steps[:, j])
+            e = (w[:, j] - q[:, j] * steps[:, j]) / u[j, j]
+            errs[:, j - b0] = e
+            w[:, j + 1:b1] -= np.outer(e, u[j, j + 1:b1])
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    q += 0.0  # -0.0 becomes +0.0, as in grid_quantize
+    return q
+
+
 def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np.dtype,
                 scales2: np.ndarray | None = None, axis2: int | None = None) -> np.ndarray:
     """Decoded elements: ``q * scale`` computed in binary32 (binary64 for float64 storage), then (two-axis

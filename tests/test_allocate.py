@@ -145,15 +145,21 @@ def test_weighted_candidates_decode_as_the_file_does(tmp_path):
     assert all(c.weighted for c in cands if c.rel_error)
     per_tensor = next(c for c in cands if c.step is not None and c.rel_error > 0.01)
     per_channel = next(c for c in cands if c.axis is not None and c.rel_error > 0.01)
+    i = imp["ip1.weight"]
+    assert i.hessian is not None and i.check is not None  # 784 inputs: rounding compensates across them
     for c in (per_tensor, per_channel):
-        choice = allocate.TensorChoice("ip1.weight", x.size, 1.0, c, imp["ip1.weight"])
+        choice = allocate.TensorChoice("ip1.weight", x.size, 1.0, c, i)
         policy = dcformat.Policy(layers=(allocate.LayerRule("ip1.weight", choice.settings()),))
-        dcformat.compress(src, tmp_path / "w.dcz", policy, overwrite=True)
+        grid = allocate._grid(x, c.axis, c.rel_error, i, c.step)[0]
+        dcformat.compress(src, tmp_path / "w.dcz", policy, overwrite=True, grids={"ip1.weight": grid})
         got = dcformat.read_dcz(tmp_path / "w.dcz").tensors["ip1.weight"]
-        want = allocate._values(x, c, imp["ip1.weight"])
+        want = allocate._values(x, c, i)
         np.testing.assert_array_equal(got, want)
-        d = (want.astype(np.float64) - x) ** 2 * imp["ip1.weight"].weight[None, :]
-        assert c.sq_error == pytest.approx(d.sum())
+        d = want.astype(np.float64) - x  # the error is the layer's output error on the held-back half
+        assert c.sq_error == pytest.approx(np.einsum("ij,ij->", d @ i.check, d))
+        # Compensated rounding is not nearest rounding: the same grid rounded to nearest has a larger output error.
+        plain = allocate._grid(x, c.axis, c.rel_error, i, c.step, compensate=False)[1].astype(np.float64) - x
+        assert not np.array_equal(plain, d) and np.einsum("ij,ij->", plain @ i.check, plain) > 1.2 * c.sq_error
         # the policy recorded in the file names the input steps by count only
         assert "784 values" in dcformat.read_dcz(tmp_path / "w.dcz").metadata["dcz.policy"]
 
@@ -226,3 +232,12 @@ def test_target_on_ddddocr_keeps_every_decoded_string(tmp_path):
                                                        check_inputs=test)
     assert alloc.met and final.met, final.detail
     assert result.ratio > 8
+
+
+def test_a_grid_needs_a_uniform_policy(tmp_path):
+    src = bundled("lenet300.onnx")
+    x = next(np.asarray(w.array) for w in extract_weights(load_model(src))[1] if w.name == "ip1.weight")
+    g = dcformat.quantize.make_grid(x, 0.05, None)
+    with pytest.raises(InputError, match="policy does not store it on a uniform grid"):
+        dcformat.compress(src, tmp_path / "k.dcz", dcformat.Policy(quantizer="kmeans"), grids={"ip1.weight": g})
+    assert not (tmp_path / "k.dcz").exists()

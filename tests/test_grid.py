@@ -243,3 +243,35 @@ def test_grid_length_not_a_slice_count_is_refused_from_the_index(tmp_path):
     bad = replace(entry, streams=(replace(entry.streams[0], length=8 + 4 * 6),) + entry.streams[1:])
     with pytest.raises(CorruptError, match="holds no whole scale per slice"):
         _check_plain_lengths(bad)
+
+
+# --- grids given with the tensor (the allocation's compensated rounding) ------------------------------------------
+
+
+def test_given_grid_is_stored_exactly():
+    x = _scaled(np.random.default_rng(9), (6, 10))
+    g = quantize.make_grid(x, 0.05, 0, input_axis=1, input_steps=np.linspace(0.5, 2, 10))
+    q = g.q.copy()
+    q[0, :3] += 1  # not nearest rounding any more: only a given grid can say so
+    s = CompressSettings(quantizer="uniform", rel_error=0.05)
+    enc = encode_tensor(TensorInput("w", x, s, grid=g._replace(q=q)))
+    out = decode_tensor(enc.entry, list(enc.payloads))
+    want = quantize.grid_values(q, g.scales, g.axis, np.dtype(np.float32), g.scales2, g.axis2)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(enc.reference, want)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda g: g._replace(q=g.q[:, :5]), "levels of shape"),
+    (lambda g: g._replace(q=g.q + 0.5), "must be integers"),
+    (lambda g: g._replace(q=g.q * 0 + GRID_MAX_LEVEL + 1), "must be integers within"),
+    (lambda g: g._replace(scales=-g.scales), "positive and finite"),
+    (lambda g: g._replace(scales2=g.scales2[:3]), "one per slice"),
+    (lambda g: g._replace(axis2=0), "two different axes"),
+    (lambda g: g._replace(axis=5), "not an axis"),
+])
+def test_given_grid_is_checked(change, match):
+    x = _scaled(np.random.default_rng(10), (6, 10))
+    g = quantize.make_grid(x, 0.05, 0, input_axis=1, input_steps=np.linspace(0.5, 2, 10))
+    with pytest.raises(InputError, match=match):
+        encode_tensor(TensorInput("w", x, CompressSettings(quantizer="uniform", rel_error=0.05), grid=change(g)))
