@@ -68,8 +68,9 @@ REFINE_SHARE = 0.9
 #: resolution: its step is at most 1/sqrt of this (10x) the step of an average input. Of 1e-3, 1e-2 and 1e-1,
 #: 1e-2 gave the smallest LeNet-300-100 and digits-MLP files at rel L2 1e-2 on held-out digits.
 INPUT_ENERGY_FLOOR = 1e-2
-#: Inputs of a Gemm / MatMul layer up to which the full input second-moment matrix is measured (8 bytes x n^2:
-#: 128 MiB at the bound) and rounding errors are compensated across inputs (quantize.compensated_levels).
+#: Inputs of a Gemm / MatMul / pointwise Conv layer up to which the full input second-moment matrix is measured
+#: (8 bytes x n^2: 128 MiB at the bound) and rounding errors are compensated across inputs
+#: (quantize.compensated_levels).
 COMPENSATE_MAX_INPUTS = 4096
 #: Ops whose weight input is multiplied with a data input along a known axis, and so can be weighted by it.
 _LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -189,8 +190,9 @@ def run_all(model, inputs: Inputs) -> list[dict[str, np.ndarray]]:
 class Candidate:
     """One way to store a tensor, with its exact squared weight error and its estimated size: raw (``rel_error``
     0), or a grid at ``rel_error`` with one scale per slice along ``axis`` (None: one ``step`` for the tensor,
-    ``rel_error`` of its RMS), and with ``weighted``, a relative step per layer input from its :class:`Importance`. The error is weighted by the
-    importance of each element's input when the tensor has one."""
+    ``rel_error`` of its RMS), and with ``weighted``, a relative step per layer input from its
+    :class:`Importance`. The error is weighted by the importance of each element's input when the tensor has
+    one."""
 
     axis: int | None
     rel_error: float
@@ -389,7 +391,7 @@ def _compensated(x: np.ndarray, g: quantize.Grid, imp: Importance) -> quantize.G
     steps = quantize.grid_values(np.ones(x.shape, dtype=np.float32), g.scales, g.axis, np.dtype(np.float32),
                                  g.scales2, g.axis2)
     q = quantize.compensated_levels(imp.rows(x), imp.rows(steps), imp.factor)
-    q = q if imp.axis == 1 else q.T
+    q = q.reshape(x.shape) if imp.axis == 1 else q.T
     lo, hi = min(float(q.min()), 0.0), max(float(q.max()), 0.0)
     if hi - lo + 1 > quantize.MAX_K or max(-lo, hi) > GRID_MAX_LEVEL:
         return g
@@ -434,9 +436,9 @@ class Importance:
 
     axis: int
     weight: np.ndarray  # float64, one per slice along axis, mean about 1
-    #: 2-D weights with at most COMPENSATE_MAX_INPUTS inputs: the inputs' second-moment matrix over the mean
-    #: energy, plus INPUT_ENERGY_FLOOR on the diagonal (damping, as ``weight`` is floored), from the even rows of
-    #: the calibration activations. Rounding then compensates errors across inputs with it.
+    #: Matrices and pointwise convs with at most COMPENSATE_MAX_INPUTS inputs: the inputs' second-moment matrix
+    #: over the mean energy, plus INPUT_ENERGY_FLOOR on the diagonal (damping, as ``weight`` is floored), from the
+    #: even rows of the calibration activations. Rounding then compensates errors across inputs with it.
     hessian: np.ndarray | None = None
     #: The same from the odd rows: the output error of the layer for a weight change d (rows: outputs) is
     #: ``sum over rows of d H d^T`` with this one, which the rounding has not seen (rounding that fits the
@@ -456,8 +458,8 @@ class Importance:
         return quantize.compensation_factor(self.hessian)
 
     def rows(self, x: np.ndarray) -> np.ndarray:
-        """A 2-D weight as [outputs, inputs] (a view)."""
-        return x if self.axis == 1 else x.T
+        """The weight as [outputs, inputs]: a Gemm / MatMul matrix, or a pointwise (1x1) conv's [O, I, 1, 1]."""
+        return x.reshape(x.shape[0], x.shape[1]) if self.axis == 1 else x.T
 
 
 def _weight_slots(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[str, int, int]]:
@@ -492,6 +494,12 @@ def _weight_slots(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[st
     return out
 
 
+def _matrix_like(shape: tuple[int, ...]) -> bool:
+    """A Gemm / MatMul matrix, or a pointwise conv (every kernel dim 1), whose inputs are exactly its data
+    input's channels, so that their second moments say everything about the layer's output error."""
+    return len(shape) == 2 or (len(shape) >= 3 and all(d == 1 for d in shape[2:]))
+
+
 def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
                      names: set[str] | None = None) -> dict[str, Importance]:
     """The :class:`Importance` of each weight (of ``names``, default all) of a linear layer, from the energy of
@@ -507,7 +515,7 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
         model.graph.output.append(onnx.ValueInfoProto(name=act))
     acts = {act: ch for act, ch, _ in slots.values()}
     sizes = {w.name: w.array.shape for w in weights}
-    full = {slots[n][0] for n in slots if len(sizes[n]) == 2 and sizes[n][slots[n][2]] <= COMPENSATE_MAX_INPUTS}
+    full = {slots[n][0] for n in slots if _matrix_like(sizes[n]) and sizes[n][slots[n][2]] <= COMPENSATE_MAX_INPUTS}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feeds in _feeds_list(inputs):
@@ -541,7 +549,7 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
         scale = e.mean()
         w = np.maximum(e / scale, INPUT_ENERGY_FLOOR)
         h = c = None
-        if m.ndim == 3 and len(shape) == 2 and counts[act] >= 2:
+        if m.ndim == 3 and _matrix_like(shape) and counts[act] >= 2:
             h, c = (part / np.trace(part) * e.size for part in m)  # each half over its own mean energy
             for part in (h, c):
                 part[np.diag_indices(e.size)] += INPUT_ENERGY_FLOOR  # damping: few samples leave x^T x singular

@@ -416,7 +416,8 @@ def _given_grid(g: quantize.Grid, shape: tuple[int, ...]) -> quantize.Grid:
         sc = np.asarray(sc)
         if ax is not None and not 0 <= ax < ndim:
             raise InputError(f"grid axis {ax} is not an axis of shape {list(shape)}")
-        if sc.ndim != 1 or sc.size != (1 if ax is None else shape[ax]) or not (np.isfinite(sc).all() and (sc > 0).all()):
+        if (sc.ndim != 1 or sc.size != (1 if ax is None else shape[ax])
+                or not (np.isfinite(sc).all() and (sc > 0).all())):
             raise InputError("grid scales must be positive and finite, one per slice of their axis")
     levels = q.astype(np.float64, copy=True)
     if q.size and (not np.array_equal(levels, np.rint(levels)) or np.abs(levels).max() > GRID_MAX_LEVEL or

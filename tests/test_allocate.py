@@ -101,6 +101,7 @@ def _linear_model(op: str, w: np.ndarray, x_shape, **attrs) -> onnx.ModelProto:
     ("Gemm", (6, 5), (6, 40), {"transA": 1}, 0, 0),  # A is [in, batch]
     ("MatMul", (6, 5), (2, 40, 6), {}, 0, -1),
     ("Conv", (4, 6, 3, 3), (2, 6, 8, 8), {}, 1, 1),
+    ("Conv", (4, 6, 1, 1), (2, 6, 8, 8), {}, 1, 1),  # pointwise: a matrix over channels
 ])
 def test_input_importance_follows_the_layer_input(op, w_shape, x_shape, attrs, axis, act_axis):
     rng = np.random.default_rng(0)
@@ -117,6 +118,8 @@ def test_input_importance_follows_the_layer_input(op, w_shape, x_shape, attrs, a
     assert imp.axis == axis
     np.testing.assert_allclose(imp.weight, np.maximum(e / e.mean(), allocate.INPUT_ENERGY_FLOOR), rtol=1e-4)
     np.testing.assert_allclose(imp.steps, 1 / np.sqrt(imp.weight), rtol=1e-6)
+    # The full second moments (for compensated rounding) exist exactly for matrices and pointwise convs.
+    assert (imp.hessian is not None) == (len(w_shape) == 2 or w_shape[2:] == (1, 1))
 
 
 def test_no_importance_for_shared_or_grouped_weights():
