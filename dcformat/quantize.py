@@ -714,8 +714,9 @@ def make_grid(x: np.ndarray, rel_error: float | None, axis: int | None, *, step:
 
 
 #: Columns rounded one by one before their errors are pushed to the rest with one matrix product (GPTQ's lazy
-#: batch): the loop runs per column on a block, and the big update is BLAS.
-COMPENSATE_BLOCK = 128
+#: batch): the loop runs per column on a block, and the big update is BLAS. 32 was fastest on an 8210 x 1024
+#: matrix (0.7 s in float32, against 1.9 s for 128 in the untransposed layout).
+COMPENSATE_BLOCK = 32
 
 
 def compensation_factor(hessian: np.ndarray) -> np.ndarray:
@@ -731,24 +732,26 @@ def compensated_levels(w: np.ndarray, steps: np.ndarray, factor: np.ndarray) -> 
     """Levels for ``w`` [rows, cols] on the grid ``steps`` (broadcastable to w), rounding one column (input) at a
     time and spreading each column's rounding error over the columns not yet rounded so that the layer's output
     on inputs of second moment H changes least (``factor``: :func:`compensation_factor` of H, [cols, cols]):
-    Optimal Brain Surgeon's compensation, done column-wise as in GPTQ (Frantar et al. 2022). Returns float64
-    integers, shaped like w."""
-    w = np.array(w, dtype=np.float64)
-    rows, cols = w.shape
-    steps = np.broadcast_to(np.asarray(steps, dtype=np.float64), w.shape)
-    u = factor
-    q = np.empty_like(w)
+    Optimal Brain Surgeon's compensation, done column-wise as in GPTQ (Frantar et al. 2022). Works in float32
+    (the decisions are rounding choices; the stored values are computed from the levels exactly as always).
+    Returns float64 integers, shaped like w."""
+    wt = np.array(np.asarray(w).T, dtype=np.float32, order="C")  # one row per column of w: contiguous
+    cols, rows = wt.shape
+    st = np.ascontiguousarray(np.broadcast_to(np.asarray(steps, dtype=np.float32), np.shape(w)).T)
+    u = np.asarray(factor, dtype=np.float32)
+    q = np.empty_like(wt)
     for b0 in range(0, cols, COMPENSATE_BLOCK):
         b1 = min(b0 + COMPENSATE_BLOCK, cols)
-        errs = np.empty((rows, b1 - b0))
+        errs = np.empty((b1 - b0, rows), dtype=np.float32)
         for j in range(b0, b1):
-            q[:, j] = np.rint(w[:, j] / steps[:, j])
-            e = (w[:, j] - q[:, j] * steps[:, j]) / u[j, j]
-            errs[:, j - b0] = e
-            w[:, j + 1:b1] -= np.outer(e, u[j, j + 1:b1])
-        w[:, b1:] -= errs @ u[b0:b1, b1:]
-    q += 0.0  # -0.0 becomes +0.0, as in grid_quantize
-    return q
+            np.rint(wt[j] / st[j], out=q[j])
+            e = (wt[j] - q[j] * st[j]) / u[j, j]
+            errs[j - b0] = e
+            wt[j + 1:b1] -= np.outer(u[j, j + 1:b1], e)
+        wt[b1:] -= u[b0:b1, b1:].T @ errs
+    out = q.T.astype(np.float64)
+    out += 0.0  # -0.0 becomes +0.0, as in grid_quantize
+    return out
 
 
 def grid_values(q: np.ndarray, scales: np.ndarray, axis: int | None, storage: np.dtype,
