@@ -524,48 +524,50 @@ class NNCodecPeer:
     def best_at(self, bound: Bound) -> dict | None:
         """The smallest NNCodec file meeting ``bound``: the largest qp that meets it with qp + 1 failing.
 
-        Each next qp is where rel L2 reaches the bound if it grows like NNCodec's step (NNCODEC_QP_OCTAVE qps per
-        doubling) from the nearest qp measured, kept inside the bracket known so far; a task-level miss or a
-        third guess falls back to steps of NNCODEC_QP_STRIDE and plain bisection. Where pass / fail is monotone
+        While bracketing, the next qp is where rel L2 reaches the bound if it grows like NNCodec's step
+        (NNCODEC_QP_OCTAVE qps per doubling), at most NNCODEC_QP_STRIDE away; inside the bracket, where the log
+        rel L2 line between its ends crosses the bound. A task-level miss or NNCODEC_GUESSES guesses fall back
+        to strides and plain bisection. Where pass / fail is monotone
         in qp that finds the same qp as bisection, in fewer encodes (most take two)."""
         def ok(qp: int) -> bool:
             return bound.met_by(self.at(qp)["fidelity"])
 
-        def guess(qp: int) -> int | None:  # floor of the qp where rel L2 would meet the bound, from ``qp``'s
+        def log_rel(qp: int) -> float | None:
             rel = self.results[qp]["fidelity"].rel_l2
-            if not (math.isfinite(rel) and rel > 0):
-                return None
-            return math.floor(qp + NNCODEC_QP_OCTAVE * math.log2(bound.rel_l2 / rel) + 1e-9)
+            return math.log2(rel) if math.isfinite(rel) and rel > 0 else None
+
+        def guess(qp: int) -> int | None:  # floor of the qp where rel L2 would meet the bound, from ``qp``'s
+            r = log_rel(qp)
+            return None if r is None else math.floor(qp + NNCODEC_QP_OCTAVE * (math.log2(bound.rel_l2) - r) + 1e-9)
 
         guesses = NNCODEC_GUESSES
         passing = [q for q, r in self.results.items() if bound.met_by(r["fidelity"])]
         failing = [q for q, r in self.results.items() if not bound.met_by(r["fidelity"])]
         lo = max(passing) if passing else None
-        if lo is None:  # nothing known to pass: go finer until something does
+        if lo is None:  # nothing known to pass: go finer until something does (a guess, at most one stride)
             q = min(failing) if failing else NNCODEC_QPS[0]
             while q > NNCODEC_QP_MIN and not ok(q):
                 g = guess(q) if guesses > 0 else None
                 guesses -= g is not None and g < q
-                q = max(g if g is not None and g < q else q - NNCODEC_QP_STRIDE, NNCODEC_QP_MIN)
+                q = max(g if g is not None and g < q else q - NNCODEC_QP_STRIDE, q - NNCODEC_QP_STRIDE, NNCODEC_QP_MIN)
             if not ok(q):
                 return None
             lo = q
         above = [q for q, r in self.results.items() if q > lo and not bound.met_by(r["fidelity"])]
         hi = min(above) if above else None
-        while hi is None and lo < NNCODEC_QP_MAX:  # coarser until something fails
+        while hi is None and lo < NNCODEC_QP_MAX:  # coarser until something fails (a guess, at most one stride)
             g = guess(lo) if guesses > 0 else None
             guesses -= g is not None and g > lo
-            q = min(g if g is not None and g > lo else lo + NNCODEC_QP_STRIDE, NNCODEC_QP_MAX)
+            q = min(g if g is not None and g > lo else lo + NNCODEC_QP_STRIDE, lo + NNCODEC_QP_STRIDE, NNCODEC_QP_MAX)
             lo, hi = (q, None) if ok(q) else (lo, q)
         while hi is not None and hi - lo > 1:
             mid = (lo + hi) // 2
-            if guesses > 0:
-                near = lo if self.results[lo]["fidelity"].rel_l2 <= bound.rel_l2 < self.results[hi]["fidelity"].rel_l2 \
-                    else None  # rel L2 straddles the bound: the miss at hi is rel L2, not the task
-                g = None if near is None else guess(near)
-                if g is not None:
-                    guesses -= 1
-                    mid = min(max(g, lo + 1), hi - 1)
+            a, b = log_rel(lo), log_rel(hi)
+            if guesses > 0 and a is not None and b is not None and a <= math.log2(bound.rel_l2) < b:
+                # rel L2 straddles the bound (the miss at hi is rel L2, not the task): where the line between
+                # the two crosses it
+                guesses -= 1
+                mid = min(max(math.floor(lo + (hi - lo) * (math.log2(bound.rel_l2) - a) / (b - a)), lo + 1), hi - 1)
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
         good = [r for r in self.results.values() if bound.met_by(r["fidelity"])]
         return min(good, key=lambda r: r["file_bytes"]) if good else None
