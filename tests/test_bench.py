@@ -150,3 +150,118 @@ def test_nncodec_peer_round_trip(tmp_path):
             assert np.abs(d["a"] - w["a"]).max() <= 2 * step  # dependent quantization: up to about one step
             assert d["s"].shape == () and math.isclose(float(d["s"]), 2.5, abs_tol=1e-5)
             assert np.abs(d["b"] - w["b"]).max() < 1e-4  # rank-1 tensors: near-lossless
+
+
+# --- the allocation's probe (dcformat.allocate.Probe), which dcz_at_fidelity's allocation runs on every tensor ---
+
+
+def _conv_bn_model():
+    """Conv whose weight is a Constant node, then BatchNormalization (onnxruntime fuses the two when both are
+    constant), Relu, and a Gemm on an initializer: the shapes of the PP-OCR graphs in miniature."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32))
+    bn = {k: numpy_helper.from_array(v.astype(np.float32), k) for k, v in (
+        ("scale", 1 + 0.1 * rng.standard_normal(4)), ("shift", 0.1 * rng.standard_normal(4)),
+        ("mean", 0.1 * rng.standard_normal(4)), ("var", 1 + rng.random(4)))}
+    fc = numpy_helper.from_array((rng.standard_normal((64, 5)) * 0.2).astype(np.float32), "fc")
+    nodes = [helper.make_node("Constant", [], ["conv_w"], value=w),
+             helper.make_node("Conv", ["x", "conv_w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"]),
+             helper.make_node("Relu", ["b"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], [*bn.values(), fc])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_probe_modes_compute_the_same_outputs():
+    from dcformat import allocate
+    from dcformat.onnx_ingest import extract_weights
+
+    graph, weights = extract_weights(_conv_bn_model())
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)},
+             {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}]  # two feed dicts of different batch
+    fed = allocate.Probe(graph, weights, calib, mode="inputs")
+    init = allocate.Probe(graph, weights, calib, mode="initializers")
+    assert (fed.mode, init.mode) == ("inputs", "initializers")
+    assert fed.lifted == init.lifted == {"conv_w", "scale", "shift", "mean", "var", "fc"}
+    arrays = {w.name: np.asarray(w.array) for w in weights}
+    trials = [{}, {"conv_w": arrays["conv_w"] * 1.05}, {"var": arrays["var"] * 2.0},
+              {n: a + 0.01 * rng.standard_normal(a.shape).astype(a.dtype) for n, a in arrays.items()}]
+    for replaced in trials:
+        a, b = fed._run(replaced), init._run(replaced)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x["y"], y["y"], rtol=1e-5, atol=1e-6)
+        if replaced:  # the trial weights are used (an override that a fused graph ignored would leave y as it was)
+            assert all(not np.allclose(x["y"], r["y"], rtol=1e-4) for x, r in zip(b, init.reference))
+            ra, rb = fed.compare(replaced), init.compare(replaced)
+            assert rb[0].rel_l2 == pytest.approx(ra[0].rel_l2, rel=1e-3) and ra[0].rel_l2 > 1e-3
+    # the default measures both and keeps one; its reference is that mode's own
+    auto = allocate.Probe(graph, weights, calib)
+    assert auto.mode in allocate.PROBE_MODES and auto.runs == 1
+    assert auto.compare({})[0].rel_l2 == 0.0
+
+
+def test_probe_initializer_mode_lifts_constants_inside_subgraphs():
+    from onnx import TensorProto, helper
+
+    from dcformat import allocate
+    from dcformat.onnx_ingest import extract_weights
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    branch = helper.make_graph([helper.make_node("Constant", [], ["w_c"], value=w),
+                                helper.make_node("Mul", ["x", "w_c"], ["y_b"])], "b", [],
+                               [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, [4])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch.__deepcopy__())],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    graph, weights = extract_weights(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    inputs = {"x": np.ones(4, np.float32), "c": np.array(True)}
+    probe = allocate.Probe(graph, weights, inputs, mode="initializers")
+    assert probe.lifted == {"w_c"}  # both branches hold the same name: one initializer the branches see
+    np.testing.assert_array_equal(probe.reference[0]["y"], [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(probe._run({"w_c": np.full(4, 2.0, np.float32)})[0]["y"], np.full(4, 2.0))
+    with pytest.raises(bench.DczError, match="probe mode"):
+        allocate.Probe(graph, weights, inputs, mode="fast")
+
+
+class _SyntheticPeer(bench.NNCodecPeer):
+    """NNCodec without NNCodec: rel L2 = scale * 2 ** (qp / 4) * wobble(qp), task lost above ``task_qp``."""
+
+    def __init__(self, scale, wobble=0.0, task_qp=100):
+        self.results, self.calls, self.scale, self.wobble, self.task_qp = {}, 0, scale, wobble, task_qp
+
+    def rel(self, qp):
+        return self.scale * 2 ** (qp / 4) * (1 + self.wobble * math.sin(qp * 1.7))
+
+    def at(self, qp):
+        assert bench.NNCODEC_QP_MIN <= qp <= bench.NNCODEC_QP_MAX
+        if qp not in self.results:
+            self.calls += 1
+            self.results[qp] = {"qp": qp, "file_bytes": 10**6 - 1000 * qp,
+                                "fidelity": Fidelity(self.rel(qp), None, 1.0 if qp <= self.task_qp else 0.5)}
+        return self.results[qp]
+
+
+@pytest.mark.parametrize("scale", [1e-2 * 2 ** (k / 3) for k in range(-60, 40, 7)])
+@pytest.mark.parametrize("wobble, task_qp", [(0.0, 100), (0.1, 100), (0.0, -41), (0.1, -30)])
+def test_nncodec_best_at_finds_the_coarsest_qp_meeting_the_bound(scale, wobble, task_qp):
+    peer = _SyntheticPeer(scale, wobble, task_qp)
+    for qp in bench.NNCODEC_QPS:
+        peer.at(qp)
+    sweep = peer.calls
+    bound = Bound(1e-2, 1.0, "bar")
+    best = peer.best_at(bound)
+    meets = [q for q in range(bench.NNCODEC_QP_MIN, bench.NNCODEC_QP_MAX + 1)
+             if peer.rel(q) <= 1e-2 and q <= task_qp]
+    if not meets:
+        assert best is None
+        return
+    # monotone here (the wobble keeps rel L2 increasing in qp): the answer is the last qp that meets the bound
+    assert best["qp"] == max(meets)
+    assert peer.calls - sweep <= (4 if task_qp == 100 else 8)
