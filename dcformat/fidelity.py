@@ -38,6 +38,9 @@ __all__ = [
 DEFAULT_DIM = 32  # unknown non-batch dims: big enough for conv/pool stacks of stride 32, small enough to run fast
 INT_HIGH = 10  # random integer inputs are drawn from [0, INT_HIGH): small and non-negative, valid as indices
 ORT_THREADS = 2  # the machines have 2 cores; a fixed count also keeps reruns comparable
+#: Worker threads do not spin while idle: on a 2-core machine shared with another job, spinning threads steal
+#: the cores their own session needs (measured on the allocation's probe: ppocr-rec 2.0 s a run spinning, 1.5 s not).
+ORT_ALLOW_SPINNING = "0"
 ORT_LOG_SEVERITY = 4  # log only fatal errors: warnings are noise, errors reach the caller as InputError
 PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message larger than 2 GiB; bigger models run from a path
 _TINY = float(np.finfo(np.float64).tiny)  # denominator floor for the relative L2 error of an all-zero reference
@@ -245,6 +248,7 @@ def _session(model: onnx.ModelProto | bytes | str | os.PathLike, tmpdir: list[st
     so.intra_op_num_threads = ORT_THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = ORT_LOG_SEVERITY
+    so.add_session_config_entry("session.intra_op.allow_spinning", ORT_ALLOW_SPINNING)
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() > PROTO_LIMIT:
             d = tempfile.mkdtemp(prefix="dcz-fidelity-")
