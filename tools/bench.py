@@ -225,8 +225,9 @@ class ModelUnderTest:
         if key not in self.points:
             t0 = time.perf_counter()
             dcz, back = self.tmp / f"{self.name}.target.dcz", self.tmp / f"{self.name}.target.onnx"
-            dcformat.compress(self.path, dcz, alloc.policy_for(alloc.choose(1.0 / -key), dcformat.Policy()),
-                              overwrite=True)
+            choice = alloc.choose(1.0 / -key)
+            dcformat.compress(self.path, dcz, alloc.policy_for(choice, dcformat.Policy()), overwrite=True,
+                              grids=alloc.grids_for(choice))
             dcformat.decompress(dcz, back, overwrite=True)
             self.points[key] = DczPoint(key, dcz.stat().st_size, self.fidelity(fidelity.run(back, self.feeds)))
             self.search_s += time.perf_counter() - t0
