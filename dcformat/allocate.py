@@ -649,7 +649,7 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
         scale = e.mean()
         w = np.maximum(e / scale, INPUT_ENERGY_FLOOR)
         h = c = None
-        if m.ndim == 3 and _matrix_like(shape) and counts[act] >= 2:
+        if m.ndim == 3 and _matrix_like(shape) and all(np.trace(part) > 0 for part in m):
             h, c = (part / np.trace(part) * e.size for part in m)  # each half over its own mean energy
             for part in (h, c):
                 part[np.diag_indices(e.size)] += INPUT_ENERGY_FLOOR  # damping: few samples leave x^T x singular
@@ -682,6 +682,12 @@ def _values(x: np.ndarray, c: Candidate, imp: Importance | None = None) -> np.nd
 Log = Callable[[str], None]
 
 
+#: Tensors smaller than this (scalars of activation functions, tiny vectors) are left to the policy (raw by
+#: default): keeping them exact costs at most 60 bytes each, while probing each costs a model run (PP-OCRv4 rec has
+#: 243 scalars among its 365 tensors).
+ALLOCATE_MIN_ELEMENTS = 16
+
+
 def _compressible(weights: Sequence[Weight], policy: Policy, *, all_sizes: bool = True) -> list[Weight]:
     """Float tensors the allocation may code: all finite ones except those the user keeps raw by name. Small
     tensors and normalisation parameters are candidates too (``all_sizes``): the allocation keeps them raw when
@@ -691,6 +697,8 @@ def _compressible(weights: Sequence[Weight], policy: Policy, *, all_sizes: bool 
         policy = Policy(**{**_policy_fields(policy), "min_elements": 0, "compress_norm": True})
     out = []
     for w in weights:
+        if all_sizes and w.array.size < ALLOCATE_MIN_ELEMENTS:
+            continue
         small = base.settings_for(w.name, w.kind, w.array.size) is None
         if small and not (w.consumers and set(w.consumers) <= WEIGHT_CONSUMERS):
             continue  # a small float feeding shape logic (Resize scales, Pad values...) must stay exact
@@ -700,53 +708,48 @@ def _compressible(weights: Sequence[Weight], policy: Policy, *, all_sizes: bool 
     return out
 
 
-#: Tensors below this many elements (biases, normalisation parameters) are probed together, in one run, when a
-#: model has more than SMALL_GROUP_MIN of them: they share one sensitivity. PP-OCRv4 rec has 323 of them among 365
-#: tensors (0.6% of its weights), and probing each alone was most of the allocation's time.
-SMALL_TENSOR_ELEMENTS = 1024
-SMALL_GROUP_MIN = 16
-
-
 def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE_ERROR,
                 progress: Callable[[int, int, str], None] | None = None,
                 importance: Mapping[str, Importance] | None = None) -> dict[str, tuple[float, float]]:
     """For each weight the probe can feed: (output distortion, squared weight error) when only that weight is
     rounded to a per-channel grid at ``error`` (with its input steps and importance-weighted error where
-    ``importance`` has it). Distortion is the sum over outputs of squared relative L2. Small tensors are probed
-    as one group (see SMALL_TENSOR_ELEMENTS) and each gets the group's distortion per unit of error."""
+    ``importance`` has it). Distortion is the sum over outputs of squared relative L2."""
     out = {}
     todo = [w for w in weights if w.name in probe.lifted]
-
-    def rounded(w: Weight) -> tuple[np.ndarray, float]:
+    for i, w in enumerate(todo, 1):
         x = np.asarray(w.array)
         imp = (importance or {}).get(w.name)
         # Plain rounding (no compensation, which fits the calibration inputs and so looks too good on them).
         values = _grid(x, quantize.channel_axis(x, None if imp is None else imp.axis), error, imp, compensate=False)[1]
-        return values, _sq_error(x.astype(np.float64), values, imp)
-
-    small = [w for w in todo if w.array.size < SMALL_TENSOR_ELEMENTS]
-    if len(small) > SMALL_GROUP_MIN:
-        trial = {w.name: rounded(w) for w in small}
-        total = sum(sq for _, sq in trial.values())
-        try:
-            d = _distortion(probe.compare({n: v for n, (v, _) in trial.items()}))
-        except InputError:  # one of them cannot be rounded: probe them one by one instead
-            pass
-        else:
-            out.update({n: (d * sq / total if total > 0 else 0.0, sq) for n, (_, sq) in trial.items()})
-            todo = [w for w in todo if w.name not in trial]
-            if progress is not None:
-                progress(len(small), len(small) + len(todo), f"{len(small)} small tensors together")
-    done = len(out)
-    for i, w in enumerate(todo, 1):
-        values, sq = rounded(w)
+        sq = _sq_error(x.astype(np.float64), values, imp)
         try:
             out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
         except InputError:  # the graph cannot run with it rounded (e.g. a float that sets a shape): leave it alone
             pass
         if progress is not None:
-            progress(done + i, done + len(todo), w.name)
+            progress(i, len(todo), w.name)
     return out
+
+
+#: A tensor whose rounding did not move the outputs at the probe error (a squeeze-excitation branch saturated on
+#: the calibration inputs) still counts this share of the median tensor's distortion per unit of relative error:
+#: with none, PP-OCRv4 det's SE convs went to the coarsest grid and broke the model on other inputs.
+SENSITIVITY_FLOOR = 1e-2
+
+
+def _energy(x: np.ndarray, imp: Importance | None) -> float:
+    """The tensor's squared norm in the units of its errors (importance-weighted where it has an importance)."""
+    x = np.asarray(x, dtype=np.float64)
+    return _sq_error(np.zeros_like(x), x, imp)
+
+
+def _floored(s: dict[str, float], energy: Mapping[str, float]) -> dict[str, float]:
+    """Sensitivities with SENSITIVITY_FLOOR applied per unit of relative squared error."""
+    rel = [v * energy[n] for n, v in s.items() if v > 0 and energy[n] > 0]
+    if not rel:
+        return s
+    floor = SENSITIVITY_FLOOR * float(np.median(rel))
+    return {n: (max(v, floor / energy[n]) if energy[n] > 0 else v) for n, v in s.items()}
 
 
 class Allocator:
@@ -771,7 +774,8 @@ class Allocator:
         self.fixed += [w.name for w in self.tensors if w.name not in sens]
         self.tensors = [w for w in self.tensors if w.name in sens]
         self.cands = {w.name: self.cands[w.name] for w in self.tensors}
-        self.s = {n: (d / sq if sq > 0 else 0.0) for n, (d, sq) in sens.items()}
+        self.s = _floored({n: (d / sq if sq > 0 else 0.0) for n, (d, sq) in sens.items()},
+                          {w.name: _energy(w.array, self.importance.get(w.name)) for w in self.tensors})
         say(f"sensitivity: {len(sens)} runs, {time.perf_counter() - t0:.1f} s")
         self.arrays = {w.name: w.array for w in self.tensors}
         self.setup_seconds = time.perf_counter() - t0

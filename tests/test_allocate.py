@@ -244,27 +244,3 @@ def test_a_grid_needs_a_uniform_policy(tmp_path):
     with pytest.raises(InputError, match="policy does not store it on a uniform grid"):
         dcformat.compress(src, tmp_path / "k.dcz", dcformat.Policy(quantizer="kmeans"), grids={"ip1.weight": g})
     assert not (tmp_path / "k.dcz").exists()
-
-
-def test_small_tensors_are_probed_together():
-    # 20 bias-like vectors (below SMALL_TENSOR_ELEMENTS) and one big matrix: 1 run for the group, 1 for the matrix.
-    rng = np.random.default_rng(3)
-    n = allocate.SMALL_GROUP_MIN + 4
-    inits = [onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), f"b{i}") for i in range(n)]
-    big = rng.standard_normal((8, 256)).astype(np.float32)
-    inits.append(onnx.numpy_helper.from_array(big, "big"))
-    nodes, prev = [], "x"
-    for i in range(n):
-        nodes.append(helper.make_node("Add", [prev, f"b{i}"], [f"a{i}"]))
-        prev = f"a{i}"
-    nodes.append(helper.make_node("MatMul", [prev, "big"], ["y"]))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    graph, weights = extract_weights(model)
-    probe = allocate.Probe(graph, weights, {"x": rng.standard_normal((4, 8)).astype(np.float32)})
-    runs = probe.runs
-    sens = allocate.sensitivity(probe, weights)
-    assert probe.runs - runs == 2 and set(sens) == {f"b{i}" for i in range(n)} | {"big"}
-    shared = {d / sq for name, (d, sq) in sens.items() if name != "big"}
-    assert len({round(v, 12) for v in shared}) == 1 and next(iter(shared)) > 0
