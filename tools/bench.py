@@ -292,13 +292,17 @@ def dcz_at_fidelity(model: ModelUnderTest, bound: Bound) -> DczPoint | None:
     dcz's knob is ``dcz compress --target rel_l2=T`` (dcformat.allocate: per-tensor grids chosen on the disjoint
     calibration inputs); T is searched like any quantizer setting, by its fidelity on the test inputs (the
     alternatives' settings are judged on the same inputs). Models without calibration inputs fall back to the
-    default policy's single ``rel_error``.
+    default policy's single ``rel_error``. The default file (``dcz compress model.onnx``) is a candidate too: where
+    the allocation's family is coarse (a few tiny tensors), the default can be the smallest file that qualifies.
     """
     alloc = model.allocator()
     if alloc is None:
         return _knob_search(model, bound, model.dcz_point, DEFAULT_REL_ERROR, REL_ERROR_MIN, REL_ERROR_MAX, 1)
-    return _knob_search(model, bound, lambda k: model.target_point(alloc, k), KNOB_START, KNOB_MIN, KNOB_MAX, -1,
-                        KNOB_BRACKET, KNOB_PRECISION)
+    found = _knob_search(model, bound, lambda k: model.target_point(alloc, k), KNOB_START, KNOB_MIN, KNOB_MAX, -1,
+                         KNOB_BRACKET, KNOB_PRECISION)
+    default = model.dcz_point(DEFAULT_REL_ERROR)
+    met = [p for p in (found, default) if p is not None and bound.met_by(p.fidelity)]
+    return min(met, key=lambda p: p.dcz_bytes) if met else None
 
 
 def _knob_search(model: ModelUnderTest, bound: Bound, point, start: float, low: float, high: float,
