@@ -44,3 +44,19 @@ def model_path(name: str) -> Path:
     if path is None:
         pytest.skip(f"model {name!r} not fetched; run: python tools/fetch_models.py {name}")
     return path
+
+
+def if_with_constant_weight():
+    """y = If(c, x * w_c, x * w_c): a weight held by a Constant node inside both branches of an If (the probe must
+    lift it to the main graph, which the branches then see as an outer-scope value). Returns the ModelProto."""
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    branch = helper.make_graph([helper.make_node("Constant", [], ["w_c"], value=w),
+                                helper.make_node("Mul", ["x", "w_c"], ["y_b"])], "b", [],
+                               [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, [4])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch.__deepcopy__())],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

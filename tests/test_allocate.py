@@ -15,7 +15,7 @@ from dcformat.demo import bundled
 from dcformat.errors import InputError
 from dcformat.onnx_ingest import extract_weights, load_model
 
-from models import model_path
+from models import if_with_constant_weight, model_path
 
 
 def _mnist():
@@ -67,17 +67,10 @@ def test_probe_feeds_weights_and_matches_a_rebuild():
 
 def test_probe_lifts_constants_inside_subgraphs():
     # A weight held by a Constant node inside an If branch becomes a main-graph input the branch sees.
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
-    branch = helper.make_graph([helper.make_node("Constant", [], ["w_c"], value=w),
-                                helper.make_node("Mul", ["x", "w_c"], ["y_b"])], "b", [],
-                               [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, [4])])
-    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch.__deepcopy__())],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
-                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = if_with_constant_weight()
+    g = model.graph
     g.node[0].attribute[1].g.node[0].output[0] = "w_e"
     g.node[0].attribute[1].g.node[1].input[1] = "w_e"
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     graph, weights = extract_weights(model)
     inputs = {"x": np.ones(4, np.float32), "c": np.array(True)}
     probe = allocate.Probe(graph, weights, inputs)

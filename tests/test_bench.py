@@ -207,20 +207,12 @@ def test_probe_modes_compute_the_same_outputs():
 
 
 def test_probe_initializer_mode_lifts_constants_inside_subgraphs():
-    from onnx import TensorProto, helper
+    from models import if_with_constant_weight
 
     from dcformat import allocate
     from dcformat.onnx_ingest import extract_weights
 
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
-    branch = helper.make_graph([helper.make_node("Constant", [], ["w_c"], value=w),
-                                helper.make_node("Mul", ["x", "w_c"], ["y_b"])], "b", [],
-                               [helper.make_tensor_value_info("y_b", TensorProto.FLOAT, [4])])
-    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch.__deepcopy__())],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
-                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
-    graph, weights = extract_weights(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    graph, weights = extract_weights(if_with_constant_weight())
     inputs = {"x": np.ones(4, np.float32), "c": np.array(True)}
     probe = allocate.Probe(graph, weights, inputs, mode="initializers")
     assert probe.lifted == {"w_c"}  # both branches hold the same name: one initializer the branches see
