@@ -409,8 +409,6 @@ class Probe:
 
     def _run_initializers(self, replaced: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """One run of a new session on the hoisted model, its initializers holding the replaced weights."""
-        import onnxruntime as ort
-
         saved = []
         try:
             for n, v in replaced.items():
@@ -422,16 +420,7 @@ class Probe:
         finally:
             for t, raw in saved:
                 t.raw_data = raw
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = fidelity.ORT_THREADS
-        so.inter_op_num_threads = 1
-        so.log_severity_level = fidelity.ORT_LOG_SEVERITY
-        so.add_session_config_entry("session.intra_op.allow_spinning", fidelity.ORT_ALLOW_SPINNING)
-        try:
-            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own pybind exception types for every load failure
-            raise InputError(f"onnxruntime cannot load the probe's model with weights as initializers: {e}") from e
-        return self._outputs(sess, {})
+        return self._outputs(fidelity._session(data, self._tmp), {})  # fidelity's session options, bytes in memory
 
     def compare(self, replaced: Mapping[str, np.ndarray]) -> list[fidelity.OutputFidelity]:
         return merge_fidelity([fidelity.compare(r, o) for r, o in zip(self.reference, self._run(replaced))])
