@@ -257,3 +257,27 @@ def test_nncodec_best_at_finds_the_coarsest_qp_meeting_the_bound(scale, wobble, 
     # monotone here (the wobble keeps rel L2 increasing in qp): the answer is the last qp that meets the bound
     assert best["qp"] == max(meets)
     assert peer.calls - sweep <= (4 if task_qp == 100 else 8)
+
+
+def test_run_models_in_parallel_gives_the_serial_results_in_the_given_order(tmp_path):
+    """--jobs 2: each model in its own process, largest first; the results come back in the caller's order and
+    equal the serial run's (dcz's sizes and fidelity are deterministic; only the times differ)."""
+    import onnx
+
+    small, large = tmp_path / "small.onnx", tmp_path / "large.onnx"
+    onnx.save(_conv_bn_model(), small)
+    model = _conv_bn_model()
+    fc = next(t for t in model.graph.initializer if t.name == "fc")
+    fc.raw_data = np.tile(np.frombuffer(fc.raw_data, np.float32), 4).tobytes()  # same graph, 4x the weights
+    fc.dims[:] = [256, 5]
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 16
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 16
+    onnx.save(model, large)
+    targets = [("small", small), ("large", large)]  # the large one is submitted first
+    serial = bench.run_models(targets, ["default"], tmp_path, None, (), 1, 0.0)
+    parallel = bench.run_models(targets, ["default"], tmp_path, None, (), 2, 0.0)
+    assert [r["model"] for r in parallel] == ["small", "large"]
+    for s, p in zip(serial, parallel):
+        assert p["settings"][0]["dcz_bytes"] == s["settings"][0]["dcz_bytes"]
+        assert p["settings"][0]["fidelity"] == s["settings"][0]["fidelity"]
+        assert p["dcz_at_bar"] == s["dcz_at_bar"]

@@ -38,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -83,6 +84,10 @@ NNCODEC_QP_MIN, NNCODEC_QP_MAX = -64, -4  # steps 2**-16 to 2**-1: beyond either
 NNCODEC_QP_STRIDE = 6  # qp step while bracketing the bar (a factor 2.8 in step size)
 NNCODEC_QP_OCTAVE = 4  # qps per doubling of NNCodec's step; rel L2 follows the step, so it guides the search
 NNCODEC_GUESSES = 3  # guided qps per search at most; bisection after that (a guess that keeps landing one off)
+#: Models benchmarked at once, one process each (--jobs): the machines have 2 cores, and much of a model's time is
+#: single-threaded (the allocator's numpy work, NNCodec's encoder, compress and decompress themselves), so two
+#: processes with one onnxruntime thread each finish the set sooner than one process with two.
+JOBS = 2
 CTC_BLANK = 0  # the blank class of both OCR recognizers' CTC heads (PaddleOCR and ddddocr put it first)
 SPEECH_THRESHOLD = 0.5  # silero-vad's default speech-probability threshold
 
@@ -821,6 +826,49 @@ def markdown(results: list[dict], header: str) -> str:
 DOC_NOTES_MARKER = "## Reading it"
 
 
+def _ort_threads(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _worker_init(jobs: int) -> None:
+    """A benchmark process's share of the machine: onnxruntime and NNCodec's torch on cpus / jobs threads."""
+    fidelity.ORT_THREADS = _ort_threads(jobs)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(_ort_threads(jobs))
+
+
+def run_models(targets: list[tuple[str, Path]], settings: list[str], tmp: Path, nncodec: Path | None,
+               qps: tuple[int, ...], jobs: int, t0: float) -> list[dict]:
+    """:func:`bench_model` on each target, ``jobs`` at a time in their own processes, largest file first (the
+    longest to run, as a rule); results in the order of ``targets``."""
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    order = sorted(range(len(targets)), key=lambda i: -Path(targets[i][1]).stat().st_size)
+    if jobs == 1:
+        out = {}
+        for i in order:
+            say(targets[i][0])
+            out[i] = bench_model(targets[i][0], Path(targets[i][1]), settings, tmp, nncodec=nncodec, nncodec_qps=qps)
+        return [out[i] for i in range(len(targets))]
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no onnxruntime state shared across a fork
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(jobs,)) as pool:
+        futures = {}
+        for i in order:
+            name, path = targets[i]
+            futures[i] = pool.submit(bench_model, name, Path(path), settings, tmp, nncodec=nncodec, nncodec_qps=qps)
+        say(f"{len(targets)} models, {jobs} at a time, largest first")
+        out = {}
+        try:
+            for i in order:
+                out[i] = futures[i].result()
+                say(f"{targets[i][0]} done in {out[i]['seconds']:.0f} s")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return [out[i] for i in range(len(targets))]
+
+
 def main() -> int:
     import fetch_models
 
@@ -832,6 +880,9 @@ def main() -> int:
     ap.add_argument("--nncodec", action="store_true", help="also run NNCodec (bash tools/install_nncodec.sh first)")
     ap.add_argument("--nncodec-python", type=Path, default=NNCODEC_VENV / "bin" / "python")
     ap.add_argument("--nncodec-qps", nargs="*", type=int, default=list(NNCODEC_QPS))
+    ap.add_argument("--jobs", type=int, default=min(JOBS, os.cpu_count() or 1),
+                    help=f"models benchmarked at once, one process each (default: {JOBS}, at most the cpu count); "
+                         "onnxruntime gets cpus / jobs threads in each")
     ap.add_argument("--doc", type=Path, help="also write the report here, keeping the file's hand-written "
                                              f"section from '{DOC_NOTES_MARKER}' on")
     args = ap.parse_args()
@@ -845,6 +896,10 @@ def main() -> int:
             print(f"NNCodec python {args.nncodec_python} not found: run `bash tools/install_nncodec.sh`", file=sys.stderr)
             return 2
         nncodec = args.nncodec_python
+    if args.jobs < 1:
+        print(f"--jobs {args.jobs}: need at least 1", file=sys.stderr)
+        return 2
+    jobs = min(args.jobs, len(targets))
     import onnxruntime
 
     command = " ".join(["python tools/bench.py", *sys.argv[1:]])
@@ -852,18 +907,17 @@ def main() -> int:
               f"machine: {platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}  \n"
               f"versions: dcz {dcformat.__version__}, python {platform.python_version()}, numpy {np.__version__}, "
               f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}"
-              + (", NNCodec 2.1.3 (own venv)" if nncodec else ""))
-    results = []
+              + (", NNCodec 2.1.3 (own venv)" if nncodec else "")
+              + f"  \nload: {jobs} model(s) at a time, one process each, onnxruntime on "
+              f"{_ort_threads(jobs)} thread(s) in each; every time below is wall time under that load")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in targets:
-            print(f"[{time.perf_counter() - t0:6.1f} s] {name}", file=sys.stderr, flush=True)
-            results.append(bench_model(name, Path(path), args.settings, Path(tmp), nncodec=nncodec,
-                                       nncodec_qps=tuple(args.nncodec_qps)))
+        results = run_models(targets, args.settings, Path(tmp), nncodec, tuple(args.nncodec_qps), jobs, t0)
     total = time.perf_counter() - t0
     nnc_s = sum(r["nncodec"]["seconds"] for r in results if "nncodec" in r)
-    md = markdown(results, header) + (f"\ntotal time: {total:.0f} s" + (f" (NNCodec: {nnc_s:.0f} s)" if nncodec else "")
-                                      + "\n")
+    work = sum(r["seconds"] for r in results)
+    md = markdown(results, header) + (f"\ntotal time: {total:.0f} s wall; the models' own times add up to {work:.0f} s"
+                                      + (f", NNCodec's to {nnc_s:.0f} s" if nncodec else "") + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(md)
     (args.out / "bench.json").write_text(json.dumps({"header": header, "command": command, "total_s": total,
