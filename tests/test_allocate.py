@@ -239,3 +239,24 @@ def test_a_grid_needs_a_uniform_policy(tmp_path):
     with pytest.raises(InputError, match="policy does not store it on a uniform grid"):
         dcformat.compress(src, tmp_path / "k.dcz", dcformat.Policy(quantizer="kmeans"), grids={"ip1.weight": g})
     assert not (tmp_path / "k.dcz").exists()
+
+
+def test_sensitivity_of_a_scale_vector_is_not_probed_per_element():
+    # y = (x * s) / max(x * s), s one value per channel ([C, 1, 1], as a CQT's per-bin normalisation): rounding s
+    # per channel at a relative error moves every element by nearly the same factor, which the max divides out.
+    # The probe must see what a grid over the tensor does instead.
+    rng = np.random.default_rng(3)
+    s = rng.uniform(0.5, 2.0, (64, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("ReduceMax", ["xs"], ["m"], keepdims=1),
+             helper.make_node("Div", ["xs", "m"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [onnx.numpy_helper.from_array(s, "s")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    graph, weights = extract_weights(model)
+    probe = allocate.Probe(graph, weights, {"x": rng.uniform(0.1, 1.0, (64, 1, 8)).astype(np.float32)})
+    d, sq = allocate.sensitivity(probe, weights)["s"]
+    energy = float(np.sum(s.astype(np.float64) ** 2))
+    # rounded on one step at PROBE_ERROR of its RMS: about that error, and the normalised output moves with it
+    assert sq == pytest.approx(allocate.PROBE_ERROR ** 2 * energy, rel=0.5)
+    assert np.sqrt(d) > 0.3 * allocate.PROBE_ERROR

@@ -259,7 +259,7 @@ KNOB_START = 1e-10
 KNOB_MIN = 1e-17
 KNOB_MAX = 1.0
 KNOB_BRACKET = 100.0
-KNOB_PRECISION = 1.5
+KNOB_PRECISION = 1.25
 #: Natural calibration samples per model (distinct seeds of tools/natural_inputs.py's calibration split).
 CALIBRATION_SAMPLES = 8
 
