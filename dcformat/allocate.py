@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -39,7 +39,7 @@ from .onnx_ingest import Weight
 from .onnx_rebuild import rebuild
 from .select import LayerRule, Policy
 
-__all__ = ["Target", "Verification", "compress_to_target", "Allocator", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
+__all__ = ["Target", "Verification", "Validation", "Held", "compress_to_target", "Allocator", "Candidate", "TensorChoice", "Allocation", "Probe", "sensitivity", "allocate",
            "SYNTHETIC_WARNING"]
 
 #: Relative errors tried per tensor: 3e-4 (near lossless) to 0.5 (most weights zero), 33 steps of ~1.26x (a third
@@ -57,6 +57,12 @@ SEARCH_STEPS = 12
 #: and held-out items fall over it. Candidates are therefore judged with their weight error scaled by this factor:
 #: the file keeps a margin (measured: digits-mlp held-out agreement 97.8% without it).
 DISCRETE_MARGIN = 2.0
+#: Discrete targets are cross-validated (:meth:`Allocator.solve`): calibration run i is held out in fold i mod
+#: VALIDATION_FOLDS, so each fold's search sees (k-1)/k of the runs (nearly the search on all of them) and every run
+#: is checked once by a search that did not see it. 4 rather than 2: two searches more, a less pessimistic estimate.
+VALIDATION_FOLDS = 4
+#: Confidence of the bound reported on the share of new items that may differ (Validation.flip_bound).
+BOUND_CONFIDENCE = 0.95
 #: Ops whose float inputs are weights in the numeric sense: the allocation may round small tensors (biases,
 #: norm parameters) only when every consumer is one of these. Others (Resize, Pad, Range...) can take floats that
 #: steer shapes or indices, where any rounding breaks the graph.
@@ -235,6 +241,53 @@ class TensorChoice:
         return out
 
 
+class Held(NamedTuple):
+    """One validation fold: the allocation searched on some of the calibration runs, run on the others."""
+
+    margin: float
+    fitted: int  # calibration runs searched on
+    held_out: int  # calibration runs it was checked on (never seen by its search)
+    items: int  # items in those held-out runs (samples, text lines, streams...)
+    agreement: float  # task agreement (task targets) or worst top-1 agreement on the held-out runs
+    met: bool  # the target held on the held-out runs
+    bytes: int  # estimated size of that fold's allocation
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The held-out checks of a discrete target: an estimate of how the file does on inputs it was not fitted to."""
+
+    margin: float  # the margin the final allocation (on all calibration runs) was searched with
+    folds: tuple[Held, ...]  # every fold run, in order (VALIDATION_FOLDS per margin tried)
+    passed: bool  # every fold held at ``margin``
+
+    @property
+    def agreement(self) -> float:
+        """Pooled agreement of the held-out runs at :attr:`margin` (each run is held out once there)."""
+        last = [f for f in self.folds if f.margin == self.margin]
+        return sum(f.agreement * f.items for f in last) / max(sum(f.items for f in last), 1)
+
+    @property
+    def flip_bound(self) -> float | None:
+        """When every fold held at :attr:`margin`: the largest share of new items that could differ with
+        :data:`BOUND_CONFIDENCE`, given that none of the held-out items did (exact binomial bound, about 3/n)."""
+        last = [f for f in self.folds if f.margin == self.margin]
+        if not self.passed or not last:
+            return None
+        return 1.0 - (1.0 - BOUND_CONFIDENCE) ** (1.0 / sum(f.items for f in last))
+
+    def __str__(self) -> str:
+        last = [f for f in self.folds if f.margin == self.margin]
+        tried = sorted({f.margin for f in self.folds})
+        out = (f"cross-validated at margin {self.margin:g}: {self.agreement:.2%} of {sum(f.items for f in last)} "
+               f"held-out items agree, {sum(f.met for f in last)} of {len(last)} folds meet the target")
+        if len(tried) > 1:
+            out += f" (margins tried: {', '.join(f'{m:g}' for m in tried)})"
+        if self.passed:
+            return out + f"; new items that differ: at most {self.flip_bound:.1%} ({BOUND_CONFIDENCE:.0%} upper bound)"
+        return out + "; expect some new items to differ (more calibration items let the search see them)"
+
+
 @dataclass
 class Allocation:
     """What ``allocate`` chose and what it measured."""
@@ -248,6 +301,7 @@ class Allocation:
     evaluations: int
     seconds: float
     log: list[str] = field(default_factory=list)
+    validation: Validation | None = None  # what held-out calibration runs said (discrete targets)
 
     def policy(self, base: Policy) -> Policy:
         """``base`` with one rule per chosen tensor (exact-name patterns)."""
@@ -828,26 +882,46 @@ class Allocator:
             self._outputs[key] = self.probe._run(replaced)
         return self._outputs[key]
 
-    def measure(self, choice: Mapping[str, Candidate], target: Target, margin: float) -> tuple[bool, list]:
+    def measure(self, choice: Mapping[str, Candidate], target: Target, margin: float,
+                items: Sequence[int] | None = None) -> tuple[bool, list]:
+        """Whether ``choice`` (its weight error scaled by ``margin``) meets ``target`` on the calibration runs
+        ``items`` (default: all), and the merged fidelity there. The model always runs on every calibration run
+        (memoized), so searches on different folds share their runs."""
         outputs = self._outputs_of(choice, margin)
-        fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(self.probe.reference, outputs)])
-        return target.met(fids, self.probe.reference, outputs), fids
+        reference = self.probe.reference
+        if items is not None:
+            reference, outputs = [reference[i] for i in items], [outputs[i] for i in items]
+        fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, outputs)])
+        return target.met(fids, reference, outputs), fids
 
-    def solve(self, target: Target, *, margin: float | None = None) -> Allocation:
-        """The smallest allocation found that meets ``target`` on the calibration inputs."""
-        t0 = time.perf_counter()
-        runs0 = self.probe.runs
-        say = self.say
-        if margin is None:
-            margin = DISCRETE_MARGIN if target.metric in ("task", "top1") else 1.0
+    def _agreement(self, choice: Mapping[str, Candidate], target: Target, items: Sequence[int]) -> tuple[float, int]:
+        """Task agreement (task targets) or the worst output's top-1 agreement of ``choice`` as written (margin 1)
+        on the calibration runs ``items``, and the number of items (samples, lines, streams...) it counts."""
+        outputs = self._outputs_of(choice, 1.0)
+        reference = [self.probe.reference[i] for i in items]
+        outputs = [outputs[i] for i in items]
+        if target.metric == "task":
+            from . import tasks
 
+            results = [tasks.task_check(target.task, r, o) for r, o in zip(reference, outputs)]
+            n = sum(max(r.n, 1) for r in results)
+            return sum(r.agree * max(r.n, 1) for r in results) / n, n
+        def score(f: fidelity.OutputFidelity) -> float:  # Target.met's rule for outputs without class scores
+            return f.top1_agreement if f.top1_agreement is not None else float(f.rel_l2 <= 1e-2)
+
+        worst = min(merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, outputs)]), key=score)
+        return score(worst), worst.n_samples
+
+    def _search(self, target: Target, margin: float, items: Sequence[int] | None,
+                say: Log) -> tuple[dict[str, Candidate], list, bool]:
+        """Bisection on the multiplier, then :func:`_refine`: the smallest choice found that meets ``target`` on
+        ``items`` with ``margin``; the finest candidates (and False) when no multiplier meets it."""
         def measure(choice):
-            return self.measure(choice, target, margin)
+            return self.measure(choice, target, margin, items)
 
         # Bisection on log(lam): larger lam = more bits, less distortion. Bracket from 1 to 1e16 bits per unit.
         lo, hi = 0.0, 16.0
         best: tuple[dict[str, Candidate], list] | None = None
-        finest = {n: min(cs, key=lambda c: c.sq_error) for n, cs in self.cands.items()}
         for _ in range(SEARCH_STEPS):
             mid = round((lo + hi) / 2, 3)
             choice = self.choose(10.0 ** mid)
@@ -859,23 +933,89 @@ class Allocator:
                 hi, best = mid, (choice, fids)
             else:
                 lo = mid
-        met = best is not None
         if best is None:
-            best = (finest, measure(finest)[1])
+            finest = {n: min(cs, key=lambda c: c.sq_error) for n, cs in self.cands.items()}
             say(f"  no multiplier met {target}; using the finest candidates")
-        choice, fids = best
-        if best[0] is not finest:
-            choice, fids = _refine(dict(choice), fids, self.cands, measure, target, say)
+            return finest, measure(finest)[1], False
+        choice, fids = _refine(dict(best[0]), best[1], self.cands, measure, target, say)
+        return choice, fids, True
+
+    def solve(self, target: Target, *, margin: float | None = None, validate: bool = True,
+              margins: Sequence[float] = ()) -> Allocation:
+        """The smallest allocation found that meets ``target`` on the calibration inputs.
+
+        Task and top-1 targets are pass/fail per item, so the smallest file that passes the calibration items
+        sits at the edge for unseen ones. With ``validate`` (and at least two calibration runs) they are
+        cross-validated (:data:`VALIDATION_FOLDS` folds): each fold searches an allocation without some of the
+        runs, which then check it as written. :attr:`Allocation.validation` keeps what the held-out runs said: an
+        estimate of how the file does on new inputs. ``margins`` (increasing) lets the validation choose the
+        margin: the first at which every fold holds on its held-out runs is used to search all runs (the last one
+        when none does); by default the validation only reports, at ``margin``."""
+        t0 = time.perf_counter()
+        runs0 = self.probe.runs
+        say = self.say
+        discrete = target.metric in ("task", "top1")
+        n = len(self.probe.inputs)
+        if margin is None:
+            margin = DISCRETE_MARGIN if discrete else 1.0
+        validation = None
+        if discrete and validate and n >= 2:
+            k = min(VALIDATION_FOLDS, n)
+            parts = [tuple(range(i, n, k)) for i in range(k)]
+            folds: list[Held] = []
+            for margin in tuple(margins) or (margin,):
+                for held in parts:
+                    fit = tuple(i for i in range(n) if i not in held)
+                    say(f"validation: margin {margin:g}, searching without calibration runs {list(held)}")
+                    choice, _, found = self._search(target, margin, fit, say)
+                    agree, items = self._agreement(choice, target, held)
+                    ok = found and self.measure(choice, target, 1.0, held)[0]
+                    folds.append(Held(margin, len(fit), len(held), items, agree, ok,
+                                      int(sum(c.bits for c in choice.values()) / 8)))
+                    say(f"validation: margin {margin:g}: runs {list(held)}, unseen by that search, agree "
+                        f"{agree:.2%} ({'meets' if ok else 'misses'} {target})")
+                if all(f.met for f in folds[-k:]):
+                    break
+            validation = Validation(margin, tuple(folds), all(f.met for f in folds[-k:]))
+        choice, fids, met = self._search(target, margin, None, say)
         chosen = [TensorChoice(w.name, int(w.array.size), self.s[w.name], choice[w.name], self.importance.get(w.name))
                   for w in self.tensors]
+        log = [] if validation is None else [f"validation: {validation}"]
+        for line in log:
+            say(line)
         return Allocation(target, chosen, self.fixed, fids, met, int(sum(c.bits for c in choice.values()) / 8),
-                          self.probe.runs - runs0, time.perf_counter() - t0)
+                          self.probe.runs - runs0, time.perf_counter() - t0, log, validation)
+
+
+def validation_runs(graph: bytes, inputs: Inputs) -> list[dict[str, np.ndarray]]:
+    """The calibration runs, with one batched run split into up to :data:`VALIDATION_FOLDS` runs (row i goes to run
+    i mod k) so that a discrete target can be validated on rows its search did not see. A run is split only when
+    every fed input of rank >= 1 declares a free leading dim (a batch) and all have the same size there, at least 2;
+    otherwise the runs are unchanged."""
+    runs = _feeds_list(inputs)
+    if len(runs) != 1:
+        return runs
+    feeds = runs[0]
+    declared = {v.name: v for v in onnx.load_model_from_string(graph).graph.input}
+    batched = {k: v for k, v in feeds.items() if np.ndim(v) >= 1}
+    sizes = {np.shape(v)[0] for v in batched.values()}
+    if not batched or len(sizes) != 1 or min(sizes) < 2:
+        return runs
+    for name in batched:
+        v = declared.get(name)
+        dims = v.type.tensor_type.shape.dim if v is not None and v.type.HasField("tensor_type") else ()
+        if not dims or dims[0].HasField("dim_value"):  # unknown to the graph, or a fixed leading dim
+            return runs
+    k = min(VALIDATION_FOLDS, min(sizes))
+    return [{name: (np.asarray(v)[i::k] if name in batched else v) for name, v in feeds.items()} for i in range(k)]
 
 
 def allocate(graph: bytes, weights: Sequence[Weight], policy: Policy, inputs: Inputs,
              target: Target, *, log: Log | None = None, margin: float | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> Allocation:
     """Choose per-tensor grid settings for the smallest file meeting ``target`` on ``inputs``."""
+    if target.metric in ("task", "top1"):
+        inputs = validation_runs(graph, inputs)
     a = Allocator(graph, weights, policy, inputs, log=log, progress=progress)
     result = a.solve(target, margin=margin)
     result.evaluations = a.probe.runs
@@ -939,7 +1079,9 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
                        progress: Callable[[int, int, str], None] | None = None):
     """Allocate settings on ``calibration`` (random inputs, with a warning, when None), compress with them, then
     verify: decode the written file, rebuild the model and run it beside the original on ``check_inputs``
-    (default: the calibration inputs).
+    (default: the calibration inputs). Task and top-1 targets are cross-validated on the calibration runs (one
+    batched run is split, :func:`validation_runs`): :attr:`Allocation.validation`, also in the file's metadata as
+    ``dcz.target_validation``.
 
     Returns (CompressResult, Allocation, Verification).
     """
@@ -951,14 +1093,16 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
         calibration = calibration_inputs(model, None, warn=log)
     graph, weights = extract_weights(model)
     del model
-    a = Allocator(graph, weights, policy, calibration, log=log)
+    runs = validation_runs(graph, calibration) if target.metric in ("task", "top1") else calibration
+    a = Allocator(graph, weights, policy, runs, log=log)
     alloc = a.solve(target)
     alloc.evaluations = a.probe.runs
     alloc.seconds += a.setup_seconds
     grids = a.grids_for({c.name: c.candidate for c in alloc.choices})
     del graph, weights, a
     result = api.compress(model_path, output, alloc.policy(policy), overwrite=overwrite, progress=progress, grids=grids,
-                          metadata={"dcz.target": str(target), "dcz.target_met_on_calibration": str(alloc.met).lower()})
+                          metadata={"dcz.target": str(target), "dcz.target_met_on_calibration": str(alloc.met).lower(),
+                                    **({"dcz.target_validation": str(alloc.validation)} if alloc.validation else {})})
     inputs = check_inputs if check_inputs is not None else calibration
     reference = run_all(load_model(model_path), inputs)
     outputs = run_all(api.load(result.output), inputs)

@@ -260,3 +260,61 @@ def test_sensitivity_of_a_scale_vector_is_not_probed_per_element():
     # rounded on one step at PROBE_ERROR of its RMS: about that error, and the normalised output moves with it
     assert sq == pytest.approx(allocate.PROBE_ERROR ** 2 * energy, rel=0.5)
     assert np.sqrt(d) > 0.3 * allocate.PROBE_ERROR
+
+
+def test_one_batched_calibration_run_splits_into_interleaved_runs():
+    graph, _ = extract_weights(load_model(bundled("lenet300.onnx")))
+    k = allocate.VALIDATION_FOLDS
+    x = np.arange(10 * k * 784, dtype=np.float32).reshape(10 * k, 784)
+    runs = allocate.validation_runs(graph, {"input": x})
+    assert [r["input"].shape for r in runs] == [(10, 784)] * k
+    for i, r in enumerate(runs):
+        np.testing.assert_array_equal(r["input"], x[i::k])
+    # several runs are the items already; one row cannot be split, two rows make two runs
+    assert len(allocate.validation_runs(graph, [{"input": x}, {"input": x}])) == 2
+    assert len(allocate.validation_runs(graph, {"input": x[:1]})) == 1
+    assert len(allocate.validation_runs(graph, {"input": x[:2]})) == 2
+    # a leading dim the graph fixes is not a batch
+    model = _linear_model("MatMul", np.ones((6, 5), np.float32), (40, 6))
+    fixed, _ = extract_weights(model)
+    assert len(allocate.validation_runs(fixed, {"x": np.ones((40, 6), np.float32)})) == 1
+
+
+def test_discrete_target_is_cross_validated_on_held_out_runs():
+    calib, _, _ = _mnist()
+    graph, weights = extract_weights(load_model(bundled("lenet300.onnx")))
+    a = allocate.Allocator(graph, weights, dcformat.Policy(), allocate.validation_runs(graph, calib))
+    goal = allocate.Target("top1", 1.0)
+    alloc = a.solve(goal)
+    v = alloc.validation
+    assert v is not None and alloc.met and any(line.startswith("validation: cross-validated") for line in alloc.log)
+    k = allocate.VALIDATION_FOLDS  # 200 digits: k runs, each held out once
+    assert [(f.margin, f.fitted, f.held_out, f.items) for f in v.folds] == [(allocate.DISCRETE_MARGIN, k - 1, 1, 200 // k)] * k
+    # a fold's check is its allocation as written on the run its search did not see
+    assert all(f.met == (f.agreement >= goal.value) for f in v.folds)
+    assert v.passed == all(f.met for f in v.folds) and (v.flip_bound is not None) == v.passed
+    # by default the validation only reports: the file is the one searched without it
+    plain = a.solve(goal, validate=False)
+    assert plain.validation is None and [c.candidate for c in plain.choices] == [c.candidate for c in alloc.choices]
+    # continuous targets are not validated
+    assert a.solve(allocate.Target("rel_l2", 1e-2)).validation is None
+
+
+def test_validation_can_choose_the_margin():
+    calib, _, _ = _mnist()
+    graph, weights = extract_weights(load_model(bundled("lenet300.onnx")))
+    a = allocate.Allocator(graph, weights, dcformat.Policy(), allocate.validation_runs(graph, calib))
+    goal = allocate.Target("top1", 1.0)
+    ladder = (1.0, 2.0, 4.0, 8.0)
+    alloc = a.solve(goal, margins=ladder)
+    v = alloc.validation
+    margins = [f.margin for f in v.folds]
+    assert margins == sorted(margins) and margins[0] == ladder[0] and margins[-1] == v.margin
+    # every margin before the chosen one had a fold that missed its held-out run; the chosen one held on all, or
+    # was the last
+    for m in set(margins) - {v.margin}:
+        assert not all(f.met for f in v.folds if f.margin == m)
+    assert v.margin > ladder[0] and (v.passed or v.margin == ladder[-1])  # 200 digits: 1x misses a fold
+    # the final allocation is searched on every run at the chosen margin
+    same = a.solve(goal, margin=v.margin, validate=False)
+    assert [c.candidate for c in same.choices] == [c.candidate for c in alloc.choices]

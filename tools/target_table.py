@@ -76,11 +76,11 @@ def accuracy(name: str, model) -> float | None:
     return float(np.mean(next(iter(out.values())).argmax(-1) == y))
 
 
-def run(name: str, target_text: str, tmp: Path) -> dict:
+def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES) -> dict:
     src = _model(name)
-    calib = samples(name, src, "calibration")
+    calib = samples(name, src, "calibration", n)
     test = samples(name, src, "test")
-    row: dict = {"model": name, "original": src.stat().st_size}
+    row: dict = {"model": name, "original": src.stat().st_size, "calibration_runs": len(calib), "test_runs": len(test)}
     for label, policy in (("paper", dcformat.Policy(quantizer="kmeans", bits={"*": 8})), ("default", dcformat.Policy())):
         r = dcformat.compress(src, tmp / f"{name}.{label}.dcz", policy, overwrite=True)
         agree, rel, _ = _check(name, src, r.output, test)
@@ -94,7 +94,7 @@ def run(name: str, target_text: str, tmp: Path) -> dict:
     row["accuracy"] = {"original": accuracy(name, load_model(src)), "target": accuracy(name, dcformat.load(r.output))}
     row["target"] = {"goal": str(goal), "bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel,
                      "met_calibration": alloc.met, "met_test": final.met, "seconds": secs, "runs": alloc.evaluations,
-                     "detail": detail}
+                     "detail": detail, "validation": str(alloc.validation) if alloc.validation else None}
     return row
 
 
@@ -103,6 +103,8 @@ def main() -> int:
     ap.add_argument("names", nargs="*")
     ap.add_argument("--target", default="task", help="'task' (each model's own check) or METRIC=V")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--calibration-samples", type=int, default=SAMPLES,
+                    help=f"calibration runs (seeds) per model (default {SAMPLES}; the test split keeps {SAMPLES})")
     args = ap.parse_args()
     names = args.names or [n for n in tasks.MODEL_TASKS if n not in ("lenet300", "lenet5", "logreg-iris", "light-resnet50")]
     print(f"# command: python tools/target_table.py {' '.join(sys.argv[1:])}")
@@ -112,7 +114,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         for name in names:
             try:
-                row = run(name, args.target, Path(d))
+                row = run(name, args.target, Path(d), args.calibration_samples)
             except Exception as e:  # one model's failure must not hide the others' numbers
                 print(f"| {name} | failed: {str(e)[:120]} |")
                 continue
@@ -125,6 +127,8 @@ def main() -> int:
             print(f"| {name} | {row['original']:,} | {cell(p)} | {cell(de)} | {t['bytes']:,} ({t['ratio']:.2f}x) | "
                   f"{'yes' if t['met_calibration'] else 'no'} / {'yes' if t['met_test'] else 'no'} | {t['task']:.2%} | "
                   f"{t['rel_l2']:.1e} | {t['seconds']:.0f} |", flush=True)
+            if t["validation"]:
+                print(f"|  | {t['validation']} |", flush=True)
             if row["accuracy"]["original"] is not None:
                 print(f"|  | test accuracy {row['accuracy']['original']:.2%} -> {row['accuracy']['target']:.2%} |", flush=True)
     if args.json:
