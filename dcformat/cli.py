@@ -218,7 +218,13 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
                                           "per_channel": c.candidate.per_channel,
                                           "input_weighted": c.candidate.weighted, "sensitivity": c.sensitivity}
                                          for c in alloc.choices],
-                             "kept_at_policy": alloc.fixed}
+                             "kept_at_policy": alloc.fixed,
+                             "validation": None if alloc.validation is None else {
+                                 "summary": str(alloc.validation), "margin": alloc.validation.margin,
+                                 "held_out_agreement": alloc.validation.agreement,
+                                 "all_folds_met": alloc.validation.passed,
+                                 "new_items_differ_at_most": alloc.validation.flip_bound,
+                                 "folds": [f._asdict() for f in alloc.validation.folds]}}
         click.echo(json.dumps(doc, indent=2))
         if alloc is not None and not verified.met:
             sys.exit(EXIT_ERROR)
@@ -235,6 +241,8 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
                        f"({verified.detail}); {len(alloc.choices)} tensors allocated ({pc} per-channel, "
                        f"{iw} with steps per layer input){span}; "
                        f"{alloc.evaluations} model runs in {alloc.seconds:.1f} s")
+            if alloc.validation is not None:
+                click.echo(f"held-out estimate: {alloc.validation}")
             click.echo(_fidelity_table(verified.fidelity))
         if result.fidelity is not None:
             if check_inputs is None and alloc is None:

@@ -192,6 +192,11 @@ def test_cli_target_and_sensitivity(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["target"]["goal"] == "top1=1" and doc["target"]["choices"]
     assert (r.exit_code == 0) == doc["target"]["met"]
+    v = doc["target"]["validation"]  # a discrete target on one batched run: split into folds, each held out once
+    runs = v["folds"][0]["fitted"] + v["folds"][0]["held_out"]
+    assert len(v["folds"]) == allocate.VALIDATION_FOLDS and sum(f["held_out"] for f in v["folds"]) == runs
+    assert 0 <= v["held_out_agreement"] <= 1 and v["summary"].startswith("cross-validated")
+    assert (v["new_items_differ_at_most"] is None) == (not v["all_folds_met"])
     r = CliRunner().invoke(main, ["sensitivity", src, "--calibration", str(tmp_path / "calib.npz"), "--json",
                                   "--errors", "1e-2,1e-1", "--plot", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
