@@ -444,19 +444,23 @@ class Probe:
         else:
             self._hoisted, self._slots = None, {}
 
-    def _run(self, replaced: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _run(self, replaced: Mapping[str, np.ndarray], items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
+        """The outputs with ``replaced`` weights, on the calibration runs ``items`` (default: all)."""
         self.runs += 1
         if self.mode == "rebuild":
             model = rebuild(self._graph, {n: replaced.get(n, w.array) for n, w in self.weights.items()})
-            return run_all(model, self.inputs)
+            return run_all(model, self._inputs(items))
         if self.mode == "initializers":
-            return self._run_initializers(replaced)
-        return self._run_feeding(replaced)
+            return self._run_initializers(replaced, items)
+        return self._run_feeding(replaced, items)
 
-    def _outputs(self, sess, extra: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _inputs(self, items: Sequence[int] | None) -> list[dict[str, np.ndarray]]:
+        return self.inputs if items is None else [self.inputs[i] for i in items]
+
+    def _outputs(self, sess, extra: Mapping[str, np.ndarray], items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         names = [o.name for o in sess.get_outputs()]
         outs = []
-        for feeds in self.inputs:
+        for feeds in self._inputs(items):
             try:
                 values = sess.run(names, {**feeds, **extra})
             except Exception as e:  # onnxruntime's own exception types
@@ -464,12 +468,13 @@ class Probe:
             outs.append({n: fidelity._as_array(v, n) for n, v in zip(names, values)})
         return outs
 
-    def _run_feeding(self, replaced: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _run_feeding(self, replaced: Mapping[str, np.ndarray], items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         """One run of the session whose lifted weights are graph inputs."""
         weights = {n: np.asarray(replaced.get(n, self.weights[n].array)) for n in self.lifted}
-        return self._outputs(self._sess, weights)
+        return self._outputs(self._sess, weights, items)
 
-    def _run_initializers(self, replaced: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _run_initializers(self, replaced: Mapping[str, np.ndarray],
+                          items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         """One run of a new session on the hoisted model, its initializers holding the replaced weights."""
         saved = []
         try:
@@ -482,10 +487,14 @@ class Probe:
         finally:
             for t, raw in saved:
                 t.raw_data = raw
-        return self._outputs(fidelity._session(data, self._tmp), {})  # fidelity's session options, bytes in memory
+        # fidelity's session options, bytes in memory
+        return self._outputs(fidelity._session(data, self._tmp), {}, items)
 
-    def compare(self, replaced: Mapping[str, np.ndarray]) -> list[fidelity.OutputFidelity]:
-        return merge_fidelity([fidelity.compare(r, o) for r, o in zip(self.reference, self._run(replaced))])
+    def compare(self, replaced: Mapping[str, np.ndarray],
+                items: Sequence[int] | None = None) -> list[fidelity.OutputFidelity]:
+        """Fidelity with ``replaced`` weights on the calibration runs ``items`` (default: all), merged."""
+        reference = self.reference if items is None else [self.reference[i] for i in items]
+        return merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, self._run(replaced, items))])
 
     def meets(self, replaced: Mapping[str, np.ndarray], target: Target) -> tuple[bool, list[fidelity.OutputFidelity]]:
         outputs = self._run(replaced)
@@ -779,6 +788,9 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
     ``importance`` has it). Distortion is the sum over outputs of squared relative L2."""
     out = {}
     todo = [w for w in weights if w.name in probe.lifted]
+    n = len(probe.inputs)
+    items = None if n <= SENSITIVITY_RUNS else sorted({round(k * (n - 1) / (SENSITIVITY_RUNS - 1))
+                                                        for k in range(SENSITIVITY_RUNS)})
     for i, w in enumerate(todo, 1):
         x = np.asarray(w.array)
         imp = (importance or {}).get(w.name)
@@ -794,7 +806,7 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
         values = _grid(x, axis, error, imp, step, compensate=False)[1]
         sq = _sq_error(x.astype(np.float64), values, imp)
         try:
-            out[w.name] = (_distortion(probe.compare({w.name: values})), sq)
+            out[w.name] = (_distortion(probe.compare({w.name: values}, items)), sq)
         except InputError:  # the graph cannot run with it rounded (e.g. a float that sets a shape): leave it alone
             pass
         if progress is not None:
@@ -802,6 +814,10 @@ def sensitivity(probe: Probe, weights: Sequence[Weight], *, error: float = PROBE
     return out
 
 
+#: Calibration runs each tensor's probe runs on (evenly spaced when there are more): a sensitivity only ranks
+#: tensors against each other, which a few runs do about as well as all of them, and the probe is one run per
+#: tensor (most of --target's and the benchmark's time on PP-OCR); whole allocations are checked on every run.
+SENSITIVITY_RUNS = 4
 #: A tensor whose rounding did not move the outputs at the probe error (a squeeze-excitation branch saturated on
 #: the calibration inputs) still counts this share of the median tensor's distortion per unit of relative error:
 #: with none, PP-OCRv4 det's SE convs went to the coarsest grid and broke the model on other inputs.

@@ -267,6 +267,26 @@ def test_sensitivity_of_a_scale_vector_is_not_probed_per_element():
     assert np.sqrt(d) > 0.3 * allocate.PROBE_ERROR
 
 
+def test_sensitivity_probes_on_evenly_spaced_runs_and_measures_what_those_runs_alone_would():
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((6, 5)) * 0.3).astype(np.float32)
+    graph, weights = extract_weights(_linear_model("Gemm", w, (3, 6)))
+    runs = [{"x": rng.standard_normal((3, 6)).astype(np.float32) * (1 + i)} for i in range(6)]
+    probe = allocate.Probe(graph, weights, runs)
+    seen = []
+    run = probe._run
+    probe._run = lambda replaced, items=None: seen.append(items) or run(replaced, items)
+    d, _ = allocate.sensitivity(probe, weights)["w"]
+    assert allocate.SENSITIVITY_RUNS == 4 and seen == [[0, 2, 3, 5]]  # first and last, evenly between
+    picked = allocate.Probe(graph, weights, [runs[i] for i in (0, 2, 3, 5)])
+    assert allocate.sensitivity(picked, weights)["w"][0] == pytest.approx(d, rel=1e-6)
+    # with at most SENSITIVITY_RUNS runs, every run is probed
+    seen.clear()
+    probe.inputs, probe.reference = probe.inputs[:4], probe.reference[:4]
+    allocate.sensitivity(probe, weights)
+    assert seen == [None]
+
+
 def test_one_batched_calibration_run_splits_into_interleaved_runs():
     graph, _ = extract_weights(load_model(bundled("lenet300.onnx")))
     k = allocate.VALIDATION_FOLDS
