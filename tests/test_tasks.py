@@ -39,6 +39,20 @@ def test_classification_rows_and_labels():
     assert _check("classification", labels, np.array([0, 2, 2])).agree == pytest.approx(2 / 3)
 
 
+def test_classification_near_tied_rows_accept_either_tied_class():
+    from dcformat.tasks import CLASS_TIE
+
+    # row 0: the reference's top two are 0.0003 apart on a range of ~0.5 (a tie); row 1: 0.02 apart (not a tie)
+    ref = np.array([[0.50015, 0.49985, 0.0], [0.51, 0.49, 0.0]], np.float32)
+    flipped = ref[:, [1, 0, 2]]  # both rows now pick class 1
+    r = _check("classification", ref, flipped)
+    assert (r.agree, r.n) == (0.5, 2) and "first differing rows: [1]" in r.detail
+    assert "1 near-tied rows" in r.detail
+    # a third class that the reference scores far below its top is never a tie
+    assert _check("classification", ref, np.array([[0, 0, 1], [1, 0, 0]], np.float32)).agree == 0.5
+    assert 0.0003 < CLASS_TIE * 0.50015 < 0.02
+
+
 def test_ctc_same_string_despite_different_alignment():
     def onehot(ids, c=5):
         return np.eye(c, dtype=np.float32)[ids]
