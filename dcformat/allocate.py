@@ -174,13 +174,23 @@ def _feeds_list(inputs: Inputs) -> list[dict[str, np.ndarray]]:
 def task_agreement(check: str, reference: Sequence[Feeds], outputs: Sequence[Feeds]) -> tuple[float, str]:
     """Task-level agreement over several runs, weighted by the items each compares; and the first run's detail
     that disagrees (or the first run's)."""
+    agree, n, worst = _task_agreement(check, reference, outputs)
+    return agree, f"{agree:.2%} of {n} items agree; {worst}"
+
+
+def _task_agreement(check: str, reference: Sequence[Feeds], outputs: Sequence[Feeds]) -> tuple[float, int, str]:
+    """Item-weighted task agreement over runs, the items counted, and the least agreeing run's detail."""
     from . import tasks
 
     results = [tasks.task_check(check, r, o) for r, o in zip(reference, outputs)]
     n = sum(max(r.n, 1) for r in results)
     agree = sum(r.agree * max(r.n, 1) for r in results) / n
-    worst = min(results, key=lambda r: r.agree)
-    return agree, f"{agree:.2%} of {n} items agree; {worst.detail}"
+    return agree, n, min(results, key=lambda r: r.agree).detail
+
+
+def _subset(runs: Sequence, items: Sequence[int] | None) -> list:
+    """The calibration runs ``items`` of ``runs`` (all of them for None)."""
+    return list(runs) if items is None else [runs[i] for i in items]
 
 
 def merge_fidelity(per_run: Sequence[Sequence[fidelity.OutputFidelity]]) -> list[fidelity.OutputFidelity]:
@@ -444,23 +454,22 @@ class Probe:
         else:
             self._hoisted, self._slots = None, {}
 
-    def _run(self, replaced: Mapping[str, np.ndarray], items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
+    def _run(self, replaced: Mapping[str, np.ndarray],
+             items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         """The outputs with ``replaced`` weights, on the calibration runs ``items`` (default: all)."""
         self.runs += 1
         if self.mode == "rebuild":
             model = rebuild(self._graph, {n: replaced.get(n, w.array) for n, w in self.weights.items()})
-            return run_all(model, self._inputs(items))
+            return run_all(model, _subset(self.inputs, items))
         if self.mode == "initializers":
             return self._run_initializers(replaced, items)
         return self._run_feeding(replaced, items)
 
-    def _inputs(self, items: Sequence[int] | None) -> list[dict[str, np.ndarray]]:
-        return self.inputs if items is None else [self.inputs[i] for i in items]
-
-    def _outputs(self, sess, extra: Mapping[str, np.ndarray], items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
+    def _outputs(self, sess, extra: Mapping[str, np.ndarray],
+                 items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         names = [o.name for o in sess.get_outputs()]
         outs = []
-        for feeds in self._inputs(items):
+        for feeds in _subset(self.inputs, items):
             try:
                 values = sess.run(names, {**feeds, **extra})
             except Exception as e:  # onnxruntime's own exception types
@@ -468,7 +477,8 @@ class Probe:
             outs.append({n: fidelity._as_array(v, n) for n, v in zip(names, values)})
         return outs
 
-    def _run_feeding(self, replaced: Mapping[str, np.ndarray], items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
+    def _run_feeding(self, replaced: Mapping[str, np.ndarray],
+                     items: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
         """One run of the session whose lifted weights are graph inputs."""
         weights = {n: np.asarray(replaced.get(n, self.weights[n].array)) for n in self.lifted}
         return self._outputs(self._sess, weights, items)
@@ -493,8 +503,8 @@ class Probe:
     def compare(self, replaced: Mapping[str, np.ndarray],
                 items: Sequence[int] | None = None) -> list[fidelity.OutputFidelity]:
         """Fidelity with ``replaced`` weights on the calibration runs ``items`` (default: all), merged."""
-        reference = self.reference if items is None else [self.reference[i] for i in items]
-        return merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, self._run(replaced, items))])
+        return merge_fidelity([fidelity.compare(r, o)
+                               for r, o in zip(_subset(self.reference, items), self._run(replaced, items))])
 
     def meets(self, replaced: Mapping[str, np.ndarray], target: Target) -> tuple[bool, list[fidelity.OutputFidelity]]:
         outputs = self._run(replaced)
@@ -904,24 +914,17 @@ class Allocator:
         ``items`` (default: all), and the merged fidelity there. The model always runs on every calibration run
         (memoized), so searches on different folds share their runs."""
         outputs = self._outputs_of(choice, margin)
-        reference = self.probe.reference
-        if items is not None:
-            reference, outputs = [reference[i] for i in items], [outputs[i] for i in items]
+        reference, outputs = _subset(self.probe.reference, items), _subset(outputs, items)
         fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, outputs)])
         return target.met(fids, reference, outputs), fids
 
     def _agreement(self, choice: Mapping[str, Candidate], target: Target, items: Sequence[int]) -> tuple[float, int]:
         """Task agreement (task targets) or the worst output's top-1 agreement of ``choice`` as written (margin 1)
         on the calibration runs ``items``, and the number of items (samples, lines, streams...) it counts."""
-        outputs = self._outputs_of(choice, 1.0)
-        reference = [self.probe.reference[i] for i in items]
-        outputs = [outputs[i] for i in items]
+        reference, outputs = _subset(self.probe.reference, items), _subset(self._outputs_of(choice, 1.0), items)
         if target.metric == "task":
-            from . import tasks
+            return _task_agreement(target.task, reference, outputs)[:2]
 
-            results = [tasks.task_check(target.task, r, o) for r, o in zip(reference, outputs)]
-            n = sum(max(r.n, 1) for r in results)
-            return sum(r.agree * max(r.n, 1) for r in results) / n, n
         def score(f: fidelity.OutputFidelity) -> float:  # Target.met's rule for outputs without class scores
             return f.top1_agreement if f.top1_agreement is not None else float(f.rel_l2 <= 1e-2)
 
