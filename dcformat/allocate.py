@@ -98,6 +98,8 @@ SYNTHETIC_WARNING = (
     "--calibration inputs.npz with real samples keyed by input name."
 )
 _METRICS = ("rel_l2", "cosine", "top1")
+#: A top-1 target holds outputs without class scores (a box or embedding output beside the scores) to this rel L2.
+TOP1_FALLBACK_REL_L2 = 1e-2
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class Target:
                 return False
             if self.metric == "top1":
                 if f.top1_agreement is None:
-                    if not f.rel_l2 <= 1e-2:
+                    if not f.rel_l2 <= TOP1_FALLBACK_REL_L2:
                         return False
                 elif f.top1_agreement < self.value:
                     return False
@@ -272,22 +274,27 @@ class Validation:
     passed: bool  # every fold held at ``margin``
 
     @property
+    def final(self) -> tuple[Held, ...]:
+        """The folds at :attr:`margin` (each calibration run held out once there)."""
+        return tuple(f for f in self.folds if f.margin == self.margin)
+
+    @property
     def agreement(self) -> float:
         """Pooled agreement of the held-out runs at :attr:`margin` (each run is held out once there)."""
-        last = [f for f in self.folds if f.margin == self.margin]
+        last = self.final
         return sum(f.agreement * f.items for f in last) / max(sum(f.items for f in last), 1)
 
     @property
     def flip_bound(self) -> float | None:
         """When every fold held at :attr:`margin`: the largest share of new items that could differ with
         :data:`BOUND_CONFIDENCE`, given that none of the held-out items did (exact binomial bound, about 3/n)."""
-        last = [f for f in self.folds if f.margin == self.margin]
+        last = self.final
         if not self.passed or not last:
             return None
         return 1.0 - (1.0 - BOUND_CONFIDENCE) ** (1.0 / sum(f.items for f in last))
 
     def __str__(self) -> str:
-        last = [f for f in self.folds if f.margin == self.margin]
+        last = self.final
         tried = sorted({f.margin for f in self.folds})
         out = (f"cross-validated at margin {self.margin:g}: {self.agreement:.2%} of {sum(f.items for f in last)} "
                f"held-out items agree, {sum(f.met for f in last)} of {len(last)} folds meet the target")
@@ -926,7 +933,7 @@ class Allocator:
             return _task_agreement(target.task, reference, outputs)[:2]
 
         def score(f: fidelity.OutputFidelity) -> float:  # Target.met's rule for outputs without class scores
-            return f.top1_agreement if f.top1_agreement is not None else float(f.rel_l2 <= 1e-2)
+            return f.top1_agreement if f.top1_agreement is not None else float(f.rel_l2 <= TOP1_FALLBACK_REL_L2)
 
         worst = min(merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, outputs)]), key=score)
         return score(worst), worst.n_samples
