@@ -13,8 +13,21 @@
  *       words: the bytes after the two stored states (an odd trailing byte is never read); freqs: a
  *       native uint32 buffer, the frequency of symbols first, first + 1, ...; out: writable uint16 buffer
  *       of the symbol count. decoded < len(out) means a word was needed past the end (truncated).
- *   encode(symbols, scale, first, freqs) -> bytes
- *       symbols: native uint16 buffer. Returns the two final states (u32 LE each) followed by the words.
+ *   encode(symbols, scale, first, freqs[, lut[, prefix, suffix]]) -> bytes or bytearray
+ *       symbols: native uint16 buffer; lut (or None): code lut[symbol] instead of symbol. Returns the two
+ *       final states (u32 LE each) followed by the words; with prefix, as a bytearray with prefix zero bytes
+ *       before them and suffix zero bytes after, for the caller to fill in place.
+ *
+ * And the raw bits of binned streams (section 8), the fast path of dcformat/binned.py's numpy code:
+ *
+ *   pack_bits(symbols, widths, values, out) -> bits written
+ *       per symbol s, its widths[s] (uint8, <= 16) low bits of values[s] (uint16), MSB first, into the
+ *       zeroed writable bytes out; stops (returning the bits so far) at a symbol past the tables or a field
+ *       that would not fit in out.
+ *   unpack_binned(bins, widths, tops, negative, center, alphabet, raw) -> (symbols done, bits read)
+ *       per bin b (uint16, read and overwritten in place by its symbol): a = (tops[b] << widths[b]) | the
+ *       next widths[b] raw bits; symbol = center -/+ a. Stops early at a bin past the tables, raw bits that
+ *       run out, or a symbol outside 0..alphabet - 1.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -175,15 +188,18 @@ done:
 }
 
 /* Encodes symbols n-1 .. 0 into the words ending at *top (writing backward, when top is set), and returns
- * the number of words; or -1 - index of a symbol outside the table. */
+ * the number of words; or -1 - index of a symbol outside the table. With a lookup table (binned streams),
+ * symbol i is lut[s[i]], and an s[i] past the lut's end counts as outside the table. */
 static Py_ssize_t
-encode_pass(const uint16_t *s, Py_ssize_t n, int scale, Py_ssize_t first, Py_ssize_t span, const uint32_t *freq,
-            const uint32_t *cum, uint8_t *top, uint32_t *x_out)
+encode_pass(const uint16_t *s, Py_ssize_t n, const uint16_t *lut, Py_ssize_t lut_len, int scale, Py_ssize_t first,
+            Py_ssize_t span, const uint32_t *freq, const uint32_t *cum, uint8_t *top, uint32_t *x_out)
 {
     uint32_t x[2] = {STATE_LOW, STATE_LOW};
     Py_ssize_t words = 0;
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
-        Py_ssize_t k = (Py_ssize_t)s[i] - first;
+        if (lut && (Py_ssize_t)s[i] >= lut_len)
+            return -1 - i;
+        Py_ssize_t k = (Py_ssize_t)(lut ? lut[s[i]] : s[i]) - first;
         if (k < 0 || k >= span || freq[k] == 0)
             return -1 - i;
         uint32_t f = freq[k], xi = x[i & 1];
@@ -207,18 +223,32 @@ static PyObject *
 rans_encode(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer symbols, freqs;
+    Py_buffer symbols, freqs, lutb = {0};
     int scale;
     Py_ssize_t first;
-    PyObject *sym_obj, *freq_obj, *result = NULL;
-    if (!PyArg_ParseTuple(args, "OinO:encode", &sym_obj, &scale, &first, &freq_obj))
+    PyObject *sym_obj, *freq_obj, *lut_obj = Py_None, *result = NULL;
+    Py_ssize_t prefix = -1, suffix = 0;
+    if (!PyArg_ParseTuple(args, "OinO|Onn:encode", &sym_obj, &scale, &first, &freq_obj, &lut_obj, &prefix, &suffix))
         return NULL;
+    if ((prefix < 0 && suffix) || suffix < 0) {
+        PyErr_SetString(PyExc_ValueError, "prefix and suffix must be >= 0");
+        return NULL;
+    }
     if (get_buffer(sym_obj, &symbols, 0, 2, "H") < 0)
         return NULL;
     if (get_buffer(freq_obj, &freqs, 0, 4, "IL") < 0) {
         PyBuffer_Release(&symbols);
         return NULL;
     }
+    if (lut_obj != Py_None && get_buffer(lut_obj, &lutb, 0, 2, "H") < 0) {
+        PyBuffer_Release(&symbols);
+        PyBuffer_Release(&freqs);
+        return NULL;
+    }
+    const int have_lut = lut_obj != Py_None;
+    static const uint16_t no_entries[1] = {0};
+    const uint16_t *lut = have_lut ? (lutb.len ? (const uint16_t *)lutb.buf : no_entries) : NULL;
+    const Py_ssize_t lut_len = have_lut ? lutb.len / 2 : 0;
     uint32_t *cum = NULL;
     const uint32_t *freq = (const uint32_t *)freqs.buf;
     const Py_ssize_t span = freqs.len / 4;
@@ -239,16 +269,25 @@ rans_encode(PyObject *self, PyObject *args)
     uint32_t x[2];
     /* Pass 1 sizes the output and checks every symbol; pass 2 writes. The GIL stays held so that no other
      * thread changes the symbols between the passes. */
-    Py_ssize_t words = encode_pass(s, n, scale, first, span, freq, cum, NULL, x);
+    Py_ssize_t words = encode_pass(s, n, lut, lut_len, scale, first, span, freq, cum, NULL, x);
     if (words < 0) {
         PyErr_Format(PyExc_ValueError, "symbol at index %zd is not in the table", -1 - words);
         goto done;
     }
-    PyObject *outb = PyBytes_FromStringAndSize(NULL, 8 + 2 * words);
+    /* With prefix (and suffix) given: a zeroed bytearray with that room before and after the states and words,
+     * which the caller fills in place (a binned stream's header and table, and its raw bits). */
+    const Py_ssize_t body = 8 + 2 * words;
+    PyObject *outb = prefix < 0 ? PyBytes_FromStringAndSize(NULL, body)
+                                : PyByteArray_FromStringAndSize(NULL, prefix + body + suffix);
     if (!outb)
         goto done;
-    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(outb);
-    encode_pass(s, n, scale, first, span, freq, cum, dst + 8 + 2 * words, x);
+    uint8_t *dst = prefix < 0 ? (uint8_t *)PyBytes_AS_STRING(outb) : (uint8_t *)PyByteArray_AS_STRING(outb);
+    if (prefix >= 0) {
+        memset(dst, 0, (size_t)prefix);
+        memset(dst + prefix + body, 0, (size_t)suffix);
+        dst += prefix;
+    }
+    encode_pass(s, n, lut, lut_len, scale, first, span, freq, cum, dst + 8 + 2 * words, x);
     for (int j = 0; j < 2; j++)
         for (int b = 0; b < 4; b++)
             dst[4 * j + b] = (uint8_t)(x[j] >> (8 * b));
@@ -257,6 +296,133 @@ done:
     PyMem_Free(cum);
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&freqs);
+    if (have_lut)
+        PyBuffer_Release(&lutb);
+    return result;
+}
+
+/* Fields up to 16 bits go through a 64-bit accumulator; it is flushed whenever 8 or more bits are in it. */
+#define MAX_FIELD_BITS 16
+
+static PyObject *
+pack_bits(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *sym_obj, *w_obj, *v_obj, *out_obj, *result = NULL;
+    Py_buffer sym, wid, val, out;
+    if (!PyArg_ParseTuple(args, "OOOO:pack_bits", &sym_obj, &w_obj, &v_obj, &out_obj))
+        return NULL;
+    if (get_buffer(sym_obj, &sym, 0, 2, "H") < 0)
+        return NULL;
+    if (get_buffer(w_obj, &wid, 0, 1, "B") < 0)
+        goto release_sym;
+    if (get_buffer(v_obj, &val, 0, 2, "H") < 0)
+        goto release_wid;
+    if (get_buffer(out_obj, &out, 1, 1, "B") < 0)
+        goto release_val;
+    const uint16_t *s = (const uint16_t *)sym.buf;
+    const uint8_t *w = (const uint8_t *)wid.buf;
+    const uint16_t *v = (const uint16_t *)val.buf;
+    uint8_t *dst = (uint8_t *)out.buf;
+    const Py_ssize_t n = sym.len / 2, table = wid.len < val.len / 2 ? wid.len : val.len / 2, cap = out.len;
+    Py_ssize_t pos = 0, bits = 0;
+    uint64_t acc = 0;
+    int held = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint16_t k = s[i];
+        if (k >= table || w[k] > MAX_FIELD_BITS)
+            break;
+        const int t = w[k];
+        if (!t)
+            continue;
+        if ((bits + t + 7) / 8 > cap)
+            break;
+        acc = (acc << t) | (v[k] & ((1u << t) - 1));
+        held += t;
+        bits += t;
+        while (held >= 8) {
+            held -= 8;
+            dst[pos++] = (uint8_t)(acc >> held);
+        }
+    }
+    if (held)
+        dst[pos] = (uint8_t)(acc << (8 - held));
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bits);
+    PyBuffer_Release(&out);
+release_val:
+    PyBuffer_Release(&val);
+release_wid:
+    PyBuffer_Release(&wid);
+release_sym:
+    PyBuffer_Release(&sym);
+    return result;
+}
+
+static PyObject *
+unpack_binned(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *bins_obj, *w_obj, *top_obj, *neg_obj, *raw_obj, *result = NULL;
+    Py_ssize_t center, alphabet;
+    Py_buffer bins, wid, top, neg, raw;
+    if (!PyArg_ParseTuple(args, "OOOOnnO:unpack_binned", &bins_obj, &w_obj, &top_obj, &neg_obj, &center, &alphabet,
+                          &raw_obj))
+        return NULL;
+    if (get_buffer(bins_obj, &bins, 1, 2, "H") < 0)
+        return NULL;
+    if (get_buffer(w_obj, &wid, 0, 1, "B") < 0)
+        goto release_bins;
+    if (get_buffer(top_obj, &top, 0, 2, "H") < 0)
+        goto release_wid;
+    if (get_buffer(neg_obj, &neg, 0, 1, "B") < 0)
+        goto release_top;
+    if (get_buffer(raw_obj, &raw, 0, 1, "B") < 0)
+        goto release_neg;
+    uint16_t *b = (uint16_t *)bins.buf;
+    const uint8_t *w = (const uint8_t *)wid.buf, *ng = (const uint8_t *)neg.buf, *src = (const uint8_t *)raw.buf;
+    const uint16_t *tp = (const uint16_t *)top.buf;
+    Py_ssize_t table = wid.len;
+    if (top.len / 2 < table)
+        table = top.len / 2;
+    if (neg.len < table)
+        table = neg.len;
+    const Py_ssize_t n = bins.len / 2, avail = raw.len * 8;
+    Py_ssize_t i = 0, bits = 0, pos = 0;
+    uint64_t acc = 0;
+    int held = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; i < n; i++) {
+        const uint16_t k = b[i];
+        if (k >= table || w[k] > MAX_FIELD_BITS)
+            break;
+        const int t = w[k];
+        if (bits + t > avail)
+            break;
+        while (held < t) {
+            acc = (acc << 8) | src[pos++];
+            held += 8;
+        }
+        held -= t;
+        const int64_t a = ((int64_t)tp[k] << t) | (int64_t)((acc >> held) & ((1u << t) - 1));
+        const int64_t symbol = ng[k] ? (int64_t)center - a : (int64_t)center + a;
+        if (symbol < 0 || symbol >= alphabet)
+            break;
+        bits += t;
+        b[i] = (uint16_t)symbol;
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", i, bits);
+    PyBuffer_Release(&raw);
+release_neg:
+    PyBuffer_Release(&neg);
+release_top:
+    PyBuffer_Release(&top);
+release_wid:
+    PyBuffer_Release(&wid);
+release_bins:
+    PyBuffer_Release(&bins);
     return result;
 }
 
@@ -264,7 +430,13 @@ static PyMethodDef methods[] = {
     {"decode", rans_decode, METH_VARARGS,
      "decode(words, scale, first, freqs, x0, x1, out) -> (decoded, words_used, x0, x1): rANS decode into out."},
     {"encode", rans_encode, METH_VARARGS,
-     "encode(symbols, scale, first, freqs) -> bytes: the two final states then the 16-bit words."},
+     "encode(symbols, scale, first, freqs[, lut[, prefix, suffix]]) -> bytes: the two final states then the "
+     "16-bit words (with lut, uint16: codes lut[s] for each symbol s; with prefix: a bytearray with that many zero "
+     "bytes before and suffix after)."},
+    {"pack_bits", pack_bits, METH_VARARGS,
+     "pack_bits(symbols, widths, values, out) -> bits: each symbol's raw bits, MSB first, into out."},
+    {"unpack_binned", unpack_binned, METH_VARARGS,
+     "unpack_binned(bins, widths, tops, negative, center, alphabet, raw) -> (done, bits): bins to symbols in place."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from . import huffman, prune, quantize, rans, sparse
+from . import binned, huffman, prune, quantize, rans, sparse
 from .constants import (
     FLOAT_DTYPES,
     GRID_AXIS_NONE,
@@ -232,8 +232,8 @@ def _mask(values: np.ndarray, s: CompressSettings, name: str) -> np.ndarray:
 
 
 class _Symbols(NamedTuple):
-    """A symbol stream with its histogram, Huffman table and rANS table, built once and used for the layout
-    choice, the encoding and the entropy figure."""
+    """A symbol stream with its histogram and the tables of its codings (Huffman; rANS and binned when they can
+    beat it), built once and used for the layout choice, the encoding and the entropy figure."""
 
     symbols: np.ndarray
     alphabet: int
@@ -241,28 +241,41 @@ class _Symbols(NamedTuple):
     table: huffman.HuffmanTable
     huffman_size: int
     rans_model: tuple[rans.RansModel, int] | None  # (table, estimated stream bytes); None: cannot beat Huffman
+    binned_plan: binned.BinnedPlan | None  # None: cannot beat the smaller of Huffman and rANS
 
     @classmethod
     def of(cls, symbols: np.ndarray, alphabet: int) -> "_Symbols":
         freq = huffman.histogram(symbols, alphabet)
         table = huffman.build_table(freq)
         size = huffman.encoded_size(freq, table, alphabet)
-        return cls(symbols, alphabet, freq, table, size, rans.build_model(freq, alphabet, bound=size))
+        model = rans.build_model(freq, alphabet, bound=size)
+        best = min(size, model[1]) if model else size
+        return cls(symbols, alphabet, freq, table, size, model, binned.plan(freq, alphabet, bound=best))
 
     @property
     def size(self) -> int:
-        """Bytes of the stream in the smaller coding (rANS's estimated, within a few bytes)."""
-        return min(self.huffman_size, self.rans_model[1]) if self.rans_model else self.huffman_size
+        """Bytes of the stream in the smallest coding (rANS's and binned's estimated, within a few bytes)."""
+        sizes = [self.huffman_size]
+        if self.rans_model:
+            sizes.append(self.rans_model[1])
+        if self.binned_plan:
+            sizes.append(self.binned_plan.size)
+        return min(sizes)
 
 
-def _huffman_stream(kind: StreamKind, sym: _Symbols) -> tuple[StreamEntry, bytes]:
-    """The stream in the smaller coding: rANS when its coded size is below Huffman's (exact, known without
-    coding), else Huffman."""
+def _coded_stream(kind: StreamKind, sym: _Symbols) -> tuple[StreamEntry, bytes]:
+    """The stream in the smallest coding: binned, then rANS, when planned (estimated smaller than the others) and
+    its coded size is below Huffman's (exact, known without coding); else Huffman."""
     ent = math.ceil(huffman.entropy_bits(sym.freq))
+    tries = []
+    if sym.binned_plan is not None:  # planned only when its estimate beats rANS's and Huffman's
+        tries.append((Coding.BINNED, lambda: binned.encode_stream(sym.symbols, sym.alphabet, sym.binned_plan)))
     if sym.rans_model is not None and sym.rans_model[1] < sym.huffman_size + RANS_ESTIMATE_MARGIN:
-        payload = rans.encode_stream(sym.symbols, sym.alphabet, sym.rans_model[0])
+        tries.append((Coding.RANS, lambda: rans.encode_stream(sym.symbols, sym.alphabet, sym.rans_model[0])))
+    for coding, encode in tries:
+        payload = encode()
         if len(payload) < sym.huffman_size:
-            return StreamEntry(kind, Coding.RANS, len(payload), crc32(payload), ent), payload
+            return StreamEntry(kind, coding, len(payload), crc32(payload), ent), payload
     payload, _, _ = huffman.encode_stream(sym.symbols, sym.alphabet, sym.table)
     return StreamEntry(kind, Coding.HUFFMAN, len(payload), crc32(payload), ent), payload
 
@@ -271,6 +284,8 @@ def _decode_symbols(stream: StreamEntry, payload: bytes, count: int, alphabet: i
     """The symbols of a CODES or POSITIONS stream in its coding."""
     if stream.coding == Coding.RANS:
         return rans.decode_stream(payload, count, alphabet, what)
+    if stream.coding == Coding.BINNED:
+        return binned.decode_stream(payload, count, alphabet, what)
     return huffman.decode_stream(payload, count, alphabet, what)
 
 
@@ -458,7 +473,7 @@ def _pack(
         coded = [(StreamKind.CODES, kept_codes), (StreamKind.POSITIONS, entries)]
         nnz, n_entries, index_bits = int(kept_codes.symbols.size), int(entries.symbols.size), s.index_bits
     for kind, sym in coded:
-        entry, payload = _huffman_stream(kind, sym)
+        entry, payload = _coded_stream(kind, sym)
         streams.append(entry)
         payloads.append(payload)
     if sum(len(p) for p in payloads) >= stored.nbytes:

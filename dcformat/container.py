@@ -55,6 +55,7 @@ from .constants import (
     TensorKind,
 )
 from .errors import ChecksumError, CorruptError, InputError, LimitError, TruncatedError, UnsupportedError
+from .binned import min_stream_bytes as binned_min_stream_bytes
 from .rans import min_stream_bytes as rans_min_stream_bytes
 
 __all__ = [
@@ -437,13 +438,14 @@ def _check_plain_lengths(t: TensorEntry) -> None:
             )
         if s.kind in (StreamKind.CODES, StreamKind.POSITIONS) and s.length < 2:
             raise CorruptError(f"tensor {t.name!r}: {s.kind.name} stream of {s.length} bytes has no room for its table header")
-        if s.kind in (StreamKind.CODES, StreamKind.POSITIONS) and s.coding == Coding.RANS:
+        if s.kind in (StreamKind.CODES, StreamKind.POSITIONS) and s.coding in (Coding.RANS, Coding.BINNED):
             alphabet = t.codebook_size if s.kind == StreamKind.CODES else 1 << t.index_bits
-            least = rans_min_stream_bytes(alphabet)
+            rans_coded = s.coding == Coding.RANS
+            least = (rans_min_stream_bytes if rans_coded else binned_min_stream_bytes)(alphabet)
             if s.length < least:
                 raise CorruptError(
-                    f"tensor {t.name!r}: rANS {s.kind.name} stream of {s.length} bytes is shorter than the {least} "
-                    "bytes of its smallest table and states"
+                    f"tensor {t.name!r}: {'rANS' if rans_coded else 'binned'} {s.kind.name} stream of {s.length} bytes "
+                    f"is shorter than the {least} bytes of its smallest {'table and states' if rans_coded else 'header and bins'}"
                 )
 
 

@@ -219,30 +219,65 @@ def _table_bytes(model: RansModel, alphabet_size: int) -> bytes:
     ))
 
 
-def encode_stream(symbols: np.ndarray, alphabet_size: int, model: RansModel | None = None) -> bytes:
+def encode_stream(symbols: np.ndarray, alphabet_size: int, model: RansModel | None = None,
+                  lut: np.ndarray | None = None, room: tuple[int, int] | None = None) -> bytes | bytearray:
     """rANS-code a 1-D array of symbols in ``[0, alphabet_size)``; returns the whole stream (table included).
 
     ``model`` may be given when the caller built it from the symbols' histogram; every symbol must have a
-    nonzero frequency in it (InputError naming the first that does not).
+    nonzero frequency in it (InputError naming the first that does not). With ``lut`` (one symbol per input
+    value), the stream codes ``lut[v]`` for each value v of ``symbols``, without a mapped copy of them. With
+    ``room`` = (before, after), returns a bytearray with that many zero bytes around the stream, for the caller
+    to fill in place (binned streams do both: no copy of their largest part is ever made).
     """
     symbols = np.asarray(symbols).reshape(-1)
+    if lut is not None:
+        lut = np.ascontiguousarray(lut, dtype=np.uint16)
+        if symbols.size:
+            _check_mapped(symbols, lut)
     if model is None:
-        model = build_model(histogram(symbols, alphabet_size), alphabet_size)[0]
+        counts = histogram(symbols, alphabet_size) if lut is None else _mapped_histogram(symbols, lut, alphabet_size)
+        model = build_model(counts, alphabet_size)[0]
     if model.last >= alphabet_size or model.first < 0:
         raise InputError(f"rANS table symbols {model.first}..{model.last} are outside the alphabet of {alphabet_size}")
     freqs = np.ascontiguousarray(model.freqs, dtype=np.uint32)
     if symbols.size:
-        _check_symbols(symbols, alphabet_size, model)
+        _check_symbols(symbols if lut is None else lut[np.flatnonzero(histogram(symbols, lut.size))],
+                       alphabet_size, model, None if lut is None else symbols)
     values = np.ascontiguousarray(symbols, dtype=np.uint16)
+    table = _table_bytes(model, alphabet_size)
+    if room is not None:
+        before, after = room
+        if _native is None:
+            body = _encode_python(values if lut is None else lut[values], model.scale, model.first, freqs)
+            return bytearray(before) + table + body + bytearray(after)
+        out = _native.encode(values, model.scale, model.first, freqs, lut, before + len(table), after)
+        out[before:before + len(table)] = table
+        return out
     if _native is not None:
-        body = _native.encode(values, model.scale, model.first, freqs)
+        body = _native.encode(values, model.scale, model.first, freqs, lut)
     else:
-        body = _encode_python(values, model.scale, model.first, freqs)
-    return _table_bytes(model, alphabet_size) + body
+        body = _encode_python(values if lut is None else lut[values], model.scale, model.first, freqs)
+    return table + body
 
 
-def _check_symbols(symbols: np.ndarray, alphabet_size: int, model: RansModel) -> None:
-    """InputError naming the first symbol that is outside the alphabet or has no frequency in ``model``."""
+def _check_mapped(values: np.ndarray, lut: np.ndarray) -> None:
+    """InputError naming the first value that is not an integer index into ``lut``."""
+    if values.dtype.kind not in "iu":
+        raise InputError(f"rANS symbols must be integers, not {values.dtype}")
+    if int(values.min()) < 0 or int(values.max()) >= lut.size:
+        i = int(np.argmax((values < 0) | (values >= lut.size)))
+        raise InputError(f"value {int(values[i])} at index {i} is outside the lookup table of {lut.size}")
+
+
+def _mapped_histogram(values: np.ndarray, lut: np.ndarray, alphabet_size: int) -> np.ndarray:
+    """Counts of ``lut[v]`` over the values, from the values' own histogram (no mapped copy)."""
+    return np.bincount(lut, weights=histogram(values, lut.size), minlength=alphabet_size).astype(np.int64)
+
+
+def _check_symbols(symbols: np.ndarray, alphabet_size: int, model: RansModel, source: np.ndarray | None = None) -> None:
+    """InputError naming the first symbol that is outside the alphabet or has no frequency in ``model``.
+    With ``source`` (a lookup-coded stream), ``symbols`` are the distinct mapped symbols and the index named is
+    that of the first value of ``source`` mapped to the bad one."""
     if symbols.dtype.kind not in "iu":
         raise InputError(f"rANS symbols must be integers, not {symbols.dtype}")
     lo, hi = int(symbols.min()), int(symbols.max())
@@ -253,8 +288,10 @@ def _check_symbols(symbols: np.ndarray, alphabet_size: int, model: RansModel) ->
     full[model.first:model.last + 1] = model.freqs
     missing = np.flatnonzero((histogram(symbols, alphabet_size) > 0) & (full == 0))
     if missing.size:
-        i = int(np.argmax(np.isin(symbols, missing)))
-        raise InputError(f"symbol {int(symbols[i])} at index {i} has no frequency in the rANS table")
+        if source is None:
+            i = int(np.argmax(np.isin(symbols, missing)))
+            raise InputError(f"symbol {int(symbols[i])} at index {i} has no frequency in the rANS table")
+        raise InputError(f"symbol {int(missing[0])} (a mapped value) has no frequency in the rANS table")
 
 
 def _encode_python(symbols: np.ndarray, scale: int, first: int, freqs: np.ndarray) -> bytes:

@@ -49,6 +49,11 @@ GRID2_W = np.tile(np.array([[0.5, -1.0, 0.25, 3.0], [0.125, 0.25, -0.0625, 0.0],
                            dtype=np.float32), 4)
 GRID2_IN = (1.0, 1.0, 0.5, 4.0) * 4
 
+#: A 4x8 weight on a grid of step 1/64 whose 32 levels are spread over -182..188, nearly all used once (format 1.3):
+#: a wide alphabet, which a BINNED stream codes in fewer bytes than a table of every level.
+WIDE_W = np.array([12, 63, 32, -32, -20, 55, -182, 41, 36, -3, -20, -23, -27, -5, 0, 5,
+                   188, 35, 11, 153, -34, -46, 10, -97, -106, 1, -3, 72, 12, 1, 0, -28], dtype=np.float32).reshape(4, 8) / 64
+
 
 def inputs(src: dict[str, np.ndarray]) -> list[TensorInput]:
     grid = CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True)
@@ -58,6 +63,7 @@ def inputs(src: dict[str, np.ndarray]) -> list[TensorInput]:
         TensorInput("grid.w", GRID_W, grid, kind=TensorKind.FC),
         TensorInput("grid2.w", GRID2_W, CompressSettings(quantizer="uniform", rel_error=0.01, per_channel=True,
                                                          input_axis=1, input_steps=GRID2_IN), kind=TensorKind.FC),
+        TensorInput("wide.w", WIDE_W, CompressSettings(quantizer="uniform", step=1 / 64), kind=TensorKind.FC),
         TensorInput("shape", src["shape"], None),
     ]
 

@@ -340,7 +340,7 @@ def test_writer_stream_is_the_smaller_coding():
     for p0 in (0.3, 0.6, 0.9, 0.99):
         symbols = np.where(rng.random(5000) < p0, 0, rng.integers(1, 16, 5000)).astype(np.uint16)
         sym = codec._Symbols.of(symbols, 16)
-        entry, payload = codec._huffman_stream(StreamKind.CODES, sym)
+        entry, payload = codec._coded_stream(StreamKind.CODES, sym)
         huff = len(huffman.encode_stream(symbols, 16)[0])
         assert len(payload) == min(huff, len(rans.encode_stream(symbols, 16, sym.rans_model[0])) if sym.rans_model else huff)
         assert (entry.coding == Coding.RANS) == (len(payload) < huff)
@@ -362,18 +362,24 @@ def test_sparse_tensor_with_rans_streams_round_trips(tmp_path):
     assert np.max(np.abs(got - w)) <= 0.25 + 1e-6
 
 
-def test_reader_refuses_a_rans_stream_too_short_for_table_and_states(tmp_path):
-    # Phase one: a rANS CODES stream shorter than header + range + one varint + states (2 + 2 + 1 + 8).
-    payload = bytes(12)
+@pytest.mark.parametrize("coding,length,message", [
+    # rANS: header + range + one varint + states (2 + 2 + 1 + 8).
+    (Coding.RANS, 12, "rANS CODES stream of 12 bytes is shorter than the 13 bytes"),
+    # binned (spec 8): its header (2 + 1 + 4) and the smallest rANS stream of bins (13).
+    (Coding.BINNED, 19, "binned CODES stream of 19 bytes is shorter than the 20 bytes"),
+])
+def test_reader_refuses_a_coded_stream_too_short_for_its_tables(tmp_path, coding, length, message):
+    # Phase one, before any payload is read.
+    payload = bytes(length)
     cb = np.array([0.0, 1.0], dtype=np.float32).tobytes()
     entry = TensorEntry(
         "w", DType.FLOAT32, Layout.DENSE, 0, (8,),
         (StreamEntry(StreamKind.CODEBOOK, Coding.PLAIN, len(cb), crc32(cb), 64),
-         StreamEntry(StreamKind.CODES, Coding.RANS, len(payload), crc32(payload), 0)),
+         StreamEntry(StreamKind.CODES, coding, len(payload), crc32(payload), 0)),
         codebook_size=2, code_bits=1, nnz=8, zeros=8,
     )
     with DczWriter(tmp_path / "m.dcz") as w:
         w.add_tensor(entry, [cb, payload])
         w.finish(b"", {})
-    with pytest.raises(CorruptError, match="rANS CODES stream of 12 bytes is shorter than the 13 bytes"):
+    with pytest.raises(CorruptError, match=message):
         open_dcz(tmp_path / "m.dcz")

@@ -157,6 +157,9 @@ def annotate(data: bytes, title: str = "file") -> str:
             elif coding == Coding.RANS:
                 alphabet = quant[0] if kind == StreamKind.CODES else 1 << quant[2]
                 _annotate_rans(d, data, p, length, 1 if alphabet <= 256 else 2, label)
+            elif coding == Coding.BINNED:
+                alphabet = quant[0] if kind == StreamKind.CODES else 1 << quant[2]
+                _annotate_binned(d, data, p, length, alphabet, label)
             else:
                 alphabet = quant[0] if kind == StreamKind.CODES else 1 << quant[2]
                 width = 1 if alphabet <= 256 else 2
@@ -186,8 +189,10 @@ def annotate(data: bytes, title: str = "file") -> str:
         "The source tensors are in `tests/data/tiny_source.npz`: `conv.w` (4x8 float32, four distinct values,",
         "2-bit codebook, DENSE), `fc.w` (64 float32, 58 zeros, 2-bit codebook, 3-bit relative indices, SPARSE) and",
         "`grid.w` (3x16 float32 on a per-row grid, GRID codebook, DENSE), `grid2.w` (3x16 float32 on a two-axis grid:",
-        "a step per row times a step per column, format 1.2) and",
-        "`shape` (int64, RAW). Each CODES and POSITIONS stream is HUFFMAN or RANS, whichever the writer found smaller.",
+        "a step per row times a step per column, format 1.2), `wide.w` (4x8 float32 on a grid of step 1/64 whose 32",
+        "levels spread over -182..188, format 1.3) and",
+        "`shape` (int64, RAW). Each CODES and POSITIONS stream is HUFFMAN, RANS or BINNED, whichever the writer found",
+        "smaller.",
         "Multi-byte values are little-endian; Huffman bitstreams are shown MSB first, rANS words as u16 values.",
         "",
         f"File size: {len(data)} bytes.",
@@ -233,6 +238,23 @@ def _annotate_rans(d, data: bytes, p: int, length: int, width: int, label: str) 
     words = [int.from_bytes(data[j : j + 2], "little") for j in range(q, p + length - 1, 2)]
     d.field(q, p + length - q, f"{label} words (u16, decoder order)",
             " ".join(f"0x{w:04x}" for w in words) or "(none)")
+
+
+def _annotate_binned(d, data: bytes, p: int, length: int, alphabet: int, label: str) -> None:
+    """Rows of one binned stream (spec section 8): header, center, the bins' rANS stream, the raw bits."""
+    from dcformat.binned import bin_alphabet
+
+    (k,) = d.fmt(p, "B", f"{label} mantissa bits k")
+    d.fmt(p + 1, "B", f"{label} reserved")
+    width = 1 if alphabet <= 256 else 2
+    d.fmt(p + 2, "B" if width == 1 else "H", f"{label} center symbol")
+    (bins,) = d.fmt(p + 2 + width, "I", f"{label} bins length")
+    q = p + 6 + width
+    n_bins = bin_alphabet(alphabet, k)
+    _annotate_rans(d, data, q, bins, 1 if n_bins <= 256 else 2, f"{label} bins (alphabet {n_bins}):")
+    q += bins
+    bits = "".join(f"{b:08b}" for b in data[q : p + length])
+    d.field(q, p + length - q, f"{label} raw bits (MSB first)", bits or "(empty)")
 
 
 def main() -> None:

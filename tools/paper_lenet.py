@@ -407,8 +407,9 @@ RANS_STATES_BYTES = 8
 
 def huffman_table_bytes(dcz: Path) -> dict[str, int]:
     """Bytes of the entropy coders' tables inside each tensor's coded streams: a Huffman stream's canonical table
-    (spec 6: header, u32 counts, symbols), a rANS stream's frequency table and final states (spec 7)."""
-    from dcformat import huffman, rans
+    (spec 6: header, u32 counts, symbols), a rANS stream's frequency table and final states (spec 7), a binned
+    stream's header and its bins' rANS table and states (spec 8)."""
+    from dcformat import binned, huffman, rans
     from dcformat.constants import Coding
 
     out: dict[str, int] = {}
@@ -424,6 +425,11 @@ def huffman_table_bytes(dcz: Path) -> dict[str, int]:
                 n = e.nnz if s.kind == StreamKind.CODES else e.position_entries
                 if s.coding == Coding.RANS:
                     total += rans._parse_table(memoryview(payload), alphabet, e.name)[1] + RANS_STATES_BYTES
+                elif s.coding == Coding.BINNED:  # its header, and its bins' rANS table and states
+                    head = binned._header_bytes(alphabet)
+                    k = payload[0]
+                    total += head + rans._parse_table(memoryview(payload)[head:], binned.bin_alphabet(alphabet, k),
+                                                      e.name)[1] + RANS_STATES_BYTES
                 else:
                     total += huffman._parse_table(memoryview(payload), alphabet, n, e.name)[1]
             out[e.name] = total
