@@ -1,4 +1,4 @@
-"""Tensor codec: runs the stages prune -> quantize -> sparse positions -> Huffman or rANS for one
+"""Tensor codec: runs the stages prune -> quantize -> sparse positions -> Huffman, rANS or binned for one
 tensor and chooses its layout; and the mirror path, one tensor from its streams.
 
 :func:`write_dcz` and :func:`read_dcz` are the file-level entry points: named tensors

@@ -185,7 +185,7 @@ def format_table(b: Breakdown, *, top: int | None = None, name_width: int = 36) 
         f"tensors      {len(all_rows)} ({len(coded)} coded, {len(all_rows) - len(coded)} raw), "
         f"{sum(r.params for r in all_rows):,} parameters, {sum(r.nonzeros for r in all_rows):,} nonzero",
         f"weights      {_size(b.original_bytes)} -> {_size(b.tensor_bytes)}  ({b.ratio:.1f}x)",
-        f"  codes+pos  {_size(huff)} coded (Huffman or rANS) vs {_size(bound)} entropy bound"
+        f"  codes+pos  {_size(huff)} coded (Huffman, rANS or binned) vs {_size(bound)} entropy bound"
         + (f" (+{(huff / bound - 1):.1%})" if bound else ""),
         f"  codebooks  {_size(sum(r.codebook_bytes for r in coded))}    raw tensors {_size(sum(r.raw_bytes for r in all_rows))}",
         f"graph        {_size(b.graph_bytes)}",

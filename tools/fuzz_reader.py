@@ -169,6 +169,15 @@ def seed_files(folder: Path) -> list[Path]:
         TensorInput("g_dense", peaked, CompressSettings(quantizer="uniform", step=2.0, layout="dense")),
     ], graph=b"", metadata={})
     out.append(p)
+    # Format 1.3: wide alphabets that pick BINNED streams (a fine grid on heavy tails, dense and sparse).
+    p = folder / "binned.dcz"
+    wide = (rng.laplace(size=(24, 40)) * 50).astype(np.float32)
+    dcformat.write_dcz(p, [
+        TensorInput("b_dense", wide, CompressSettings(quantizer="uniform", step=0.05)),
+        TensorInput("b_sparse", np.where(rng.random(wide.shape) < 0.3, wide, 0).astype(np.float32),
+                    CompressSettings(quantizer="uniform", step=0.05, layout="sparse", index_bits=4)),
+    ], graph=b"", metadata={})
+    out.append(p)
     return out
 
 
