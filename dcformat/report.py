@@ -27,6 +27,7 @@ class LayerRow:
     codebook_size: int
     index_bits: int
     layout: str
+    coding: str  # how the CODES stream (then, for SPARSE, the POSITIONS stream) is coded: huffman, rans, binned
     original_bytes: int
     codes_bytes: int
     positions_bytes: int
@@ -92,6 +93,7 @@ def _row(t: TensorEntry, file_bytes: int) -> LayerRow:
         codebook_size=t.codebook_size,
         index_bits=t.index_bits,
         layout=t.layout.name.lower(),
+        coding="+".join(s.coding.name.lower() for s in t.streams if s.kind in (StreamKind.CODES, StreamKind.POSITIONS)),
         original_bytes=t.nbytes,
         codes_bytes=stream_len(StreamKind.CODES),
         positions_bytes=stream_len(StreamKind.POSITIONS),
@@ -109,6 +111,12 @@ def _row(t: TensorEntry, file_bytes: int) -> LayerRow:
         rate=stored / t.nbytes if t.nbytes else 0.0,
         fixed_rate=fixed / t.nbytes if t.nbytes else 0.0,
     )
+
+
+def _coding_counts(rows: list[LayerRow]) -> list[tuple[str, int]]:
+    """(coding, number of CODES and POSITIONS streams coded with it), in the spec's order."""
+    names = [c for r in rows for c in r.coding.split("+") if c]
+    return [(c, names.count(c)) for c in ("huffman", "rans", "binned") if c in names]
 
 
 def _ceil_bytes(bits: int) -> int:
@@ -146,6 +154,14 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+#: Short names of the stream codings for the table (the JSON keeps the full names).
+_CODING_SHORT = {"huffman": "huf", "rans": "rans", "binned": "bin"}
+
+
+def _codings(coding: str) -> str:
+    return "/".join(_CODING_SHORT.get(c, c) for c in coding.split("+")) if coding else "-"
+
+
 def _shorten(name: str, width: int) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
@@ -157,6 +173,7 @@ def format_table(b: Breakdown, *, top: int | None = None, name_width: int = 36) 
         rows = sorted(rows, key=lambda r: r.stored_bytes, reverse=True)[:top]
     head = (
         f"{'tensor':<{name_width}} {'kind':<9} {'shape':<16} {'params':>9} {'sparse':>6} {'bits':>4} {'layout':<6} "
+        f"{'coding':<9} "
         f"{'codes':>9} {'(bound)':>9} {'pos':>8} {'(bound)':>8} {'cbook':>6} {'raw':>8} "
         f"{'b/nz':>5} {'pb/nz':>5} {'ratio':>6} {'share':>6}"
     )
@@ -166,7 +183,7 @@ def format_table(b: Breakdown, *, top: int | None = None, name_width: int = 36) 
         coded = r.layout != "raw"
         lines.append(
             f"{_shorten(r.name, name_width):<{name_width}} {r.kind[:9]:<9} {shape[:16]:<16} {r.params:>9} "
-            f"{r.sparsity:>6.1%} {r.bits if coded else '-':>4} {r.layout:<6} "
+            f"{r.sparsity:>6.1%} {r.bits if coded else '-':>4} {r.layout:<6} {_codings(r.coding):<9} "
             f"{_size(r.codes_bytes) if coded else '-':>9} {_size(r.codes_entropy_bytes) if coded else '-':>9} "
             f"{_size(r.positions_bytes) if r.positions_bytes else '-':>8} "
             f"{_size(r.positions_entropy_bytes) if r.positions_bytes else '-':>8} "
@@ -185,8 +202,9 @@ def format_table(b: Breakdown, *, top: int | None = None, name_width: int = 36) 
         f"tensors      {len(all_rows)} ({len(coded)} coded, {len(all_rows) - len(coded)} raw), "
         f"{sum(r.params for r in all_rows):,} parameters, {sum(r.nonzeros for r in all_rows):,} nonzero",
         f"weights      {_size(b.original_bytes)} -> {_size(b.tensor_bytes)}  ({b.ratio:.1f}x)",
-        f"  codes+pos  {_size(huff)} coded (Huffman, rANS or binned) vs {_size(bound)} entropy bound"
-        + (f" (+{(huff / bound - 1):.1%})" if bound else ""),
+        f"  codes+pos  {_size(huff)} coded vs {_size(bound)} entropy bound"
+        + (f" (+{(huff / bound - 1):.1%})" if bound else "")
+        + (f"; streams: {', '.join(f'{n} {c}' for c, n in _coding_counts(coded))}" if coded else ""),
         f"  codebooks  {_size(sum(r.codebook_bytes for r in coded))}    raw tensors {_size(sum(r.raw_bytes for r in all_rows))}",
         f"graph        {_size(b.graph_bytes)}",
         f"overhead     {_size(b.overhead_bytes)} (header, index, metadata) = {b.overhead_bytes / b.file_bytes:.2%} of the file",

@@ -110,3 +110,17 @@ def test_cli_inspect_paper(small_file):
     r = CliRunner().invoke(main, ["inspect", "--paper", str(small_file)])
     assert r.exit_code == 0, r.output
     assert "idx bits" in r.output and "fc.weight" in r.output and "rate P+Q" in r.output
+
+
+def test_coding_names_each_coded_stream(small_file, tmp_path):
+    rows = {row.name: row for row in breakdown(small_file).rows}
+    assert rows["fc.weight"].coding == "huffman+huffman"  # codes, then positions: two 1-bit symbols each
+    assert rows["dense.weight"].coding == "huffman" and rows["fc.bias"].coding == ""
+    wide = tmp_path / "wide.dcz"  # a fine grid over heavy tails: tens of thousands of levels, a binned stream
+    w = (np.random.default_rng(1).laplace(size=20_000) * 300).astype(np.float32)
+    write_dcz(wide, [TensorInput("w", w, CompressSettings(quantizer="uniform", step=0.1))])
+    b = breakdown(wide)
+    assert b.rows[0].coding == "binned"
+    table = format_table(b)
+    assert " bin " in table.splitlines()[2] and "streams: 1 binned" in table
+    assert json.loads(to_json(b))["tensors"][0]["coding"] == "binned"
