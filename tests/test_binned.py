@@ -1,11 +1,10 @@
 """Binned streams (spec section 8, format 1.3): the spec's example, round trips, every reader check, and the
 writer's choice among Huffman, rANS and binned.
 
-Tests taking the ``coder`` fixture run twice: with the C extension (rANS and the raw bits in C) and with the
-numpy / Python reference paths; differential tests check that the two give the same bytes, symbols and errors.
+Tests using the ``rans_coder`` fixture (conftest.py) run twice: with the C extension (rANS and the raw bits in C)
+and with the numpy / Python reference paths; differential tests check that the two give the same bytes, symbols
+and errors.
 """
-
-import importlib
 
 import numpy as np
 import pytest
@@ -13,36 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from dcformat import binned, codec, huffman, rans
 from dcformat.constants import BINNED_MAX_MANTISSA, Coding, StreamKind
-from dcformat.errors import CorruptError, DczError, InputError, TruncatedError
+from dcformat.errors import CorruptError, InputError, TruncatedError
 
-try:
-    NATIVE = importlib.import_module("dcformat._ranscode")
-except ImportError:
-    NATIVE = None
-
-
-@pytest.fixture(params=["native", "python"])
-def coder(request, monkeypatch):
-    """Runs the test with one coder (binned uses rANS's module switch for its own C path)."""
-    if request.param == "native" and NATIVE is None:
-        pytest.skip("dcformat._ranscode is not built")
-    monkeypatch.setattr(rans, "_native", NATIVE if request.param == "native" else None)
-
-
-def both(fn):
-    """fn() under each coder: the result, or (type, message) of the format error it raised."""
-    out = []
-    saved = rans._native
-    try:
-        for module in ([NATIVE] if NATIVE is not None else []) + [None]:
-            rans._native = module
-            try:
-                out.append(fn())
-            except DczError as e:
-                out.append((type(e), str(e)))
-    finally:
-        rans._native = saved
-    return out
+from rans_coders import NATIVE, both
 
 
 # spec section 8, "Example": alphabet 0..7, k = 0, center 3, bins at scale 2 with frequency 1 each.
@@ -55,7 +27,8 @@ def _spec_plan() -> binned.BinnedPlan:
     return binned.BinnedPlan(0, 3, model, 0)
 
 
-def test_spec_example(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_spec_example():
     assert binned.bin_alphabet(8, 0) == 7
     assert binned.encode_stream(np.array(SPEC_SYMBOLS), 8, _spec_plan()) == SPEC_BYTES
     assert binned.decode_stream(SPEC_BYTES, 4, 8, "t").tolist() == SPEC_SYMBOLS
@@ -140,7 +113,8 @@ def test_wide_alphabet_costs_near_its_source_entropy_where_tables_of_every_level
     assert binned.plan(freq, 1 << 16, bound=plan.size) is None  # not smaller than the bound: not planned
 
 
-def test_encoder_refuses_symbols_outside_the_alphabet_or_table(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_encoder_refuses_symbols_outside_the_alphabet_or_table():
     with pytest.raises(InputError, match="integers in 0..7"):
         binned.encode_stream(np.array([8]), 8)
     with pytest.raises(InputError, match="has no frequency in the rANS table"):  # bin 2 (offset -1) is absent
@@ -183,7 +157,8 @@ def test_hostile_stream(name, data, count, error, message):
     assert message in text and text.startswith("tensor 'w' codes")
 
 
-def test_truncated_at_every_byte(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_truncated_at_every_byte():
     rng = np.random.default_rng(3)
     symbols = np.clip(np.rint(rng.laplace(500, 60, 300)), 0, 999).astype(np.uint16)
     data = binned.encode_stream(symbols, 1000)

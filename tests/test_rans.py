@@ -1,11 +1,10 @@
 """Static rANS streams (spec section 7): round trips, the spec's example, every reader check, and the writer's
 choice between Huffman and rANS.
 
-Tests taking the ``coder`` fixture run twice, with the C extension coder and with the Python reference
-coder; differential tests check that the two give the same bytes, symbols and errors.
+Tests using the ``rans_coder`` fixture (conftest.py) run twice, with the C extension coder and with the Python
+reference coder; differential tests check that the two give the same bytes, symbols and errors.
 """
 
-import importlib
 import struct
 
 import numpy as np
@@ -15,38 +14,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from dcformat import codec, huffman, rans
 from dcformat.constants import RANS_MAX_SCALE, RANS_STATE_LOW, Coding, DType, Layout, StreamKind
 from dcformat.container import DczWriter, StreamEntry, TensorEntry, crc32, open_dcz
-from dcformat.errors import CorruptError, DczError, InputError, TruncatedError
+from dcformat.errors import CorruptError, InputError, TruncatedError
 
-try:
-    NATIVE = importlib.import_module("dcformat._ranscode")
-except ImportError:
-    NATIVE = None
-
-
-@pytest.fixture(params=["native", "python"])
-def coder(request, monkeypatch):
-    """Runs the test with one coder in dcformat.rans; yields that coder's module (None for Python)."""
-    if request.param == "native" and NATIVE is None:
-        pytest.skip("dcformat._ranscode is not built (see test_native_coder_is_built)")
-    module = NATIVE if request.param == "native" else None
-    monkeypatch.setattr(rans, "_native", module)
-    return module
-
-
-def both(fn):
-    """fn() under each coder: [(C result or exception), (Python result or exception)]."""
-    out = []
-    saved = rans._native
-    try:
-        for module in ([NATIVE] if NATIVE is not None else []) + [None]:
-            rans._native = module
-            try:
-                out.append(fn())
-            except DczError as e:
-                out.append((type(e), str(e)))
-    finally:
-        rans._native = saved
-    return out
+from rans_coders import NATIVE, both
 
 
 FIXTURE_OK = [HealthCheck.function_scoped_fixture]
@@ -128,7 +98,8 @@ def test_long_stream_both_coders():
     assert len(encoded[0]) < huffman.entropy_bits(freq) / 8 * 1.002 + rans.table_nbytes(rans.build_model(freq, 100)[0], 100) + 16
 
 
-def test_peaked_stream_costs_fractions_of_a_bit(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_peaked_stream_costs_fractions_of_a_bit():
     # 90% zeros: Huffman spends at least 1 bit per symbol, rANS about the entropy (0.57 bits here).
     rng = np.random.default_rng(1)
     symbols = np.where(rng.random(100_000) < 0.9, 0, rng.integers(1, 8, 100_000)).astype(np.uint16)
@@ -139,7 +110,8 @@ def test_peaked_stream_costs_fractions_of_a_bit(coder):
     assert len(data) < 0.75 * huff
 
 
-def test_empty_and_one_symbol_streams(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_empty_and_one_symbol_streams():
     for symbols, alphabet in ((np.zeros(0, np.uint16), 4), (np.full(1000, 3, np.uint16), 4), (np.zeros(0, np.uint16), 1)):
         data = rans.encode_stream(symbols, alphabet)
         # Table, then both states at their initial value and no words.
@@ -151,7 +123,8 @@ SPEC_SYMBOLS = [0, 1, 0, 0, 2, 0, 1, 0, 0, 0, 2, 1, 0, 0, 1, 0, 2, 0, 0, 1, 0, 0
 SPEC_BYTES = bytes.fromhex("02 00 00 02 02 01 01 00 00 02 00 02 00 01 00 20 2c 5b 0e")
 
 
-def test_spec_example(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_spec_example():
     # spec section 7, "Example": scale 2, frequencies 2, 1, 1 for symbols 0, 1, 2.
     model = rans.RansModel(2, 0, np.array([2, 1, 1], dtype=np.uint32))
     assert rans.encode_stream(np.array(SPEC_SYMBOLS), 4, model) == SPEC_BYTES
@@ -167,7 +140,8 @@ def test_table_is_compact():
     assert rans.table_nbytes(model, 3) == 2 + 2 + 2 + 2 + 1
 
 
-def test_runs_of_absent_symbols_cost_a_marker_and_a_length(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_runs_of_absent_symbols_cost_a_marker_and_a_length():
     # Symbols 0, 5 and 300 of 1000: varints 60 | 0 4 | 2 | 0 294 | 2 (294 takes two bytes).
     freqs = np.zeros(301, dtype=np.uint32)
     freqs[[0, 5, 300]] = [60, 2, 2]
@@ -190,7 +164,8 @@ def test_build_model_skips_streams_it_cannot_win():
     assert abs(len(rans.encode_stream(symbols, 3, model)) - estimate) <= 5  # rans.ESTIMATE_SLACK
 
 
-def test_encoder_refuses_symbols_outside_the_table(coder):
+@pytest.mark.usefixtures("rans_coder")
+def test_encoder_refuses_symbols_outside_the_table():
     model = rans.RansModel(2, 1, np.array([2, 0, 2], dtype=np.uint32))  # symbols 1 and 3; 2 absent
     with pytest.raises(InputError, match="symbol 2 at index 1 has no frequency"):
         rans.encode_stream(np.array([1, 2, 3]), 4, model)
