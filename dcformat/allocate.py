@@ -20,6 +20,7 @@ Only numpy and onnxruntime are used; nothing here depends on a training framewor
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import math
@@ -86,6 +87,11 @@ COMPENSATE_MAX_INPUTS = 4096
 #: this): far more than the inputs it is for (<= COMPENSATE_MAX_INPUTS), and it bounds the cost: a.T @ a on all
 #: 170k rows of each of magika's feeds took 29 s of its 40 s setup in float64; float32 on 16k rows, 0.1 s.
 MOMENT_MAX_ROWS = 16384
+#: Bytes of model outputs the search keeps from the allocations it has run (so that the validation's folds, which
+#: revisit the same allocations, do not run them again); the oldest are dropped beyond it. Unbounded, PP-OCRv4 rec
+#: with 24 calibration runs grew past 16 GB (about 2.5 MB of outputs per run times every allocation tried) and was
+#: killed by the kernel.
+OUTPUTS_MEMO_BYTES = 1 << 30
 #: Ops whose weight input is multiplied with a data input along a known axis, and so can be weighted by it.
 _LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 #: Huffman table cost per level used (2-byte symbol plus its share of the counts) and GRID header, in bits.
@@ -524,6 +530,10 @@ class Probe:
         return target.met(fids, self.reference, outputs), fids
 
 
+def _outputs_nbytes(outputs: Sequence[Mapping[str, np.ndarray]]) -> int:
+    return sum(int(np.asarray(v).nbytes) for run in outputs for v in run.values())
+
+
 def _distortion(fids: Sequence[fidelity.OutputFidelity]) -> float:
     return float(sum(f.rel_l2 ** 2 for f in fids if math.isfinite(f.rel_l2)))
 
@@ -890,7 +900,8 @@ class Allocator:
         say(f"sensitivity: {len(sens)} runs, {time.perf_counter() - t0:.1f} s")
         self.arrays = {w.name: w.array for w in self.tensors}
         self.setup_seconds = time.perf_counter() - t0
-        self._outputs: dict[tuple, list[dict[str, np.ndarray]]] = {}
+        self._outputs: collections.OrderedDict[tuple, list[dict[str, np.ndarray]]] = collections.OrderedDict()
+        self._outputs_bytes = 0
 
     def policy_for(self, choice: Mapping[str, Candidate], base: Policy) -> Policy:
         """``base`` with ``choice`` as per-tensor rules (what :meth:`Allocation.policy` gives for a solved one)."""
@@ -913,14 +924,21 @@ class Allocator:
 
     def _outputs_of(self, choice: Mapping[str, Candidate], margin: float) -> list[dict[str, np.ndarray]]:
         key = (margin, tuple(sorted((n, c.per_channel, c.weighted, c.rel_error) for n, c in choice.items())))
-        if key not in self._outputs:
-            replaced = {}
-            for n, c in choice.items():
-                x = np.asarray(self.arrays[n])
-                v = _values(x, c, self.importance.get(n))
-                replaced[n] = v if margin == 1.0 else (x + margin * (v.astype(x.dtype) - x)).astype(x.dtype)
-            self._outputs[key] = self.probe._run(replaced)
-        return self._outputs[key]
+        if key in self._outputs:
+            self._outputs.move_to_end(key)
+            return self._outputs[key]
+        replaced = {}
+        for n, c in choice.items():
+            x = np.asarray(self.arrays[n])
+            v = _values(x, c, self.importance.get(n))
+            replaced[n] = v if margin == 1.0 else (x + margin * (v.astype(x.dtype) - x)).astype(x.dtype)
+        outputs = self.probe._run(replaced)
+        self._outputs[key] = outputs
+        self._outputs_bytes += _outputs_nbytes(outputs)
+        while self._outputs_bytes > OUTPUTS_MEMO_BYTES and len(self._outputs) > 1:  # drop the least recently used
+            _, old = self._outputs.popitem(last=False)
+            self._outputs_bytes -= _outputs_nbytes(old)
+        return outputs
 
     def measure(self, choice: Mapping[str, Candidate], target: Target, margin: float,
                 items: Sequence[int] | None = None) -> tuple[bool, list]:

@@ -343,3 +343,20 @@ def test_validation_can_choose_the_margin():
     # the final allocation is searched on every run at the chosen margin
     same = a.solve(goal, margin=v.margin, validate=False)
     assert [c.candidate for c in same.choices] == [c.candidate for c in alloc.choices]
+
+
+def test_memo_of_run_outputs_is_bounded_and_changes_no_result(monkeypatch):
+    calib, _, _ = _mnist()
+    graph, weights = extract_weights(load_model(bundled("lenet300.onnx")))
+    goal = allocate.Target("top1", 1.0)
+    free = allocate.Allocator(graph, weights, dcformat.Policy(), allocate.validation_runs(graph, calib))
+    unbounded = free.solve(goal)
+    per_choice = allocate._outputs_nbytes(next(iter(free._outputs.values())))
+    assert len(free._outputs) > 3  # the search and its folds ran many allocations
+    monkeypatch.setattr(allocate, "OUTPUTS_MEMO_BYTES", 2 * per_choice)  # room for two allocations' outputs
+    tight = allocate.Allocator(graph, weights, dcformat.Policy(), allocate.validation_runs(graph, calib))
+    bounded = tight.solve(goal)
+    assert len(tight._outputs) <= 2 and tight._outputs_bytes <= 2 * per_choice
+    assert tight._outputs_bytes == sum(allocate._outputs_nbytes(o) for o in tight._outputs.values())
+    assert [c.candidate for c in bounded.choices] == [c.candidate for c in unbounded.choices]
+    assert str(bounded.validation) == str(unbounded.validation)
