@@ -31,8 +31,6 @@ __all__ = ["BinnedPlan", "plan", "encode_stream", "decode_stream", "bin_alphabet
 #: u8 mantissa bits k, u8 reserved; then the center (u8 or u16, as rANS's symbols) and the u32 bins length.
 _HEADER = struct.Struct("<BB")
 _BINS_LENGTH = struct.Struct("<I")
-#: Alphabets up to this size store the center in one byte, larger ones in two (as Huffman and rANS symbols).
-_BYTE_SYMBOL_ALPHABET = 256
 #: Symbols turned into bins and raw bits at a time: about ten int64 temporaries of 2 MiB each (a 32 MiB weight
 #: peaked 81 MiB above its symbols at 2**20, 20 MiB at 2**18, at the same speed).
 CHUNK = 1 << 18
@@ -52,12 +50,8 @@ class BinnedPlan(NamedTuple):
     size: int
 
 
-def _center_width(alphabet_size: int) -> int:
-    return 1 if alphabet_size <= _BYTE_SYMBOL_ALPHABET else 2
-
-
 def _header_bytes(alphabet_size: int) -> int:
-    return _HEADER.size + _center_width(alphabet_size) + _BINS_LENGTH.size
+    return _HEADER.size + rans._symbol_width(alphabet_size) + _BINS_LENGTH.size
 
 
 def magnitude_bins(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +151,7 @@ def encode_stream(symbols: np.ndarray, alphabet_size: int, chosen: BinnedPlan | 
     # One buffer for the whole stream: rANS writes the bins into it with room for the header before and the raw
     # bits after, which are then filled in place (no copy of the stream is ever made; ddddocr's compress peak is
     # set by its largest stream).
-    width = _center_width(alphabet_size)
+    width = rans._symbol_width(alphabet_size)
     head = _header_bytes(alphabet_size)
     raw_bytes = (total_bits + 7) // 8
     out = rans.encode_stream(symbols, bin_alphabet(alphabet_size, chosen.k), chosen.model, lut=bins_lut,
@@ -196,7 +190,7 @@ def decode_stream(buf: bytes | memoryview, count: int, alphabet_size: int, what:
         raise CorruptError(f"{what}: binned stream reserved byte is {reserved}, must be 0")
     if k > BINNED_MAX_MANTISSA:
         raise CorruptError(f"{what}: binned stream has {k} mantissa bits, at most {BINNED_MAX_MANTISSA}")
-    width = _center_width(alphabet_size)
+    width = rans._symbol_width(alphabet_size)
     (center,) = struct.unpack_from("<B" if width == 1 else "<H", buf, _HEADER.size)
     if center >= alphabet_size:
         raise CorruptError(f"{what}: binned stream center {center} is outside the alphabet of {alphabet_size}")
