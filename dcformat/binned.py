@@ -220,9 +220,8 @@ def decode_stream(buf: bytes | memoryview, count: int, alphabet_size: int, what:
         if done < count:  # the raw bits were sized above, so only a symbol outside the alphabet stops it
             b_bad = int(bins[done])
             t_bad = int(t_lut[b_bad])
-            low = (int.from_bytes(extra[at // 8:(at + t_bad + 7) // 8 + 1].tobytes(), "big") if t_bad else 0)
-            span = 8 * len(extra[at // 8:(at + t_bad + 7) // 8 + 1])
-            low = (low >> (span - (at % 8) - t_bad)) & ((1 << t_bad) - 1) if t_bad else 0
+            field = extra[at // 8:(at + t_bad + 7) // 8].tobytes()  # the bytes holding its t_bad raw bits
+            low = (int.from_bytes(field, "big") >> (8 * len(field) - at % 8 - t_bad)) & ((1 << t_bad) - 1)
             value = center + int(sign_lut[b_bad]) * ((int(top_lut[b_bad]) << t_bad) | low)
             raise CorruptError(
                 f"{what}: binned stream symbol {done} decodes to {value}, outside the alphabet of {alphabet_size}"

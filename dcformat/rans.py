@@ -235,14 +235,15 @@ def encode_stream(symbols: np.ndarray, alphabet_size: int, model: RansModel | No
         if symbols.size:
             _check_mapped(symbols, lut)
     if model is None:
-        counts = histogram(symbols, alphabet_size) if lut is None else _mapped_histogram(symbols, lut, alphabet_size)
-        model = build_model(counts, alphabet_size)[0]
+        if lut is not None:
+            raise InputError("a rANS stream coded through a lookup table needs its model")
+        model = build_model(histogram(symbols, alphabet_size), alphabet_size)[0]
     if model.last >= alphabet_size or model.first < 0:
         raise InputError(f"rANS table symbols {model.first}..{model.last} are outside the alphabet of {alphabet_size}")
     freqs = np.ascontiguousarray(model.freqs, dtype=np.uint32)
     if symbols.size:
         _check_symbols(symbols if lut is None else lut[np.flatnonzero(histogram(symbols, lut.size))],
-                       alphabet_size, model, None if lut is None else symbols)
+                       alphabet_size, model, mapped=lut is not None)
     values = np.ascontiguousarray(symbols, dtype=np.uint16)
     table = _table_bytes(model, alphabet_size)
     if room is not None:
@@ -269,15 +270,10 @@ def _check_mapped(values: np.ndarray, lut: np.ndarray) -> None:
         raise InputError(f"value {int(values[i])} at index {i} is outside the lookup table of {lut.size}")
 
 
-def _mapped_histogram(values: np.ndarray, lut: np.ndarray, alphabet_size: int) -> np.ndarray:
-    """Counts of ``lut[v]`` over the values, from the values' own histogram (no mapped copy)."""
-    return np.bincount(lut, weights=histogram(values, lut.size), minlength=alphabet_size).astype(np.int64)
-
-
-def _check_symbols(symbols: np.ndarray, alphabet_size: int, model: RansModel, source: np.ndarray | None = None) -> None:
+def _check_symbols(symbols: np.ndarray, alphabet_size: int, model: RansModel, mapped: bool = False) -> None:
     """InputError naming the first symbol that is outside the alphabet or has no frequency in ``model``.
-    With ``source`` (a lookup-coded stream), ``symbols`` are the distinct mapped symbols and the index named is
-    that of the first value of ``source`` mapped to the bad one."""
+    With ``mapped`` (a lookup-coded stream), ``symbols`` are the distinct mapped symbols, and the one without a
+    frequency is named by value only."""
     if symbols.dtype.kind not in "iu":
         raise InputError(f"rANS symbols must be integers, not {symbols.dtype}")
     lo, hi = int(symbols.min()), int(symbols.max())
@@ -288,7 +284,7 @@ def _check_symbols(symbols: np.ndarray, alphabet_size: int, model: RansModel, so
     full[model.first:model.last + 1] = model.freqs
     missing = np.flatnonzero((histogram(symbols, alphabet_size) > 0) & (full == 0))
     if missing.size:
-        if source is None:
+        if not mapped:
             i = int(np.argmax(np.isin(symbols, missing)))
             raise InputError(f"symbol {int(symbols[i])} at index {i} has no frequency in the rANS table")
         raise InputError(f"symbol {int(missing[0])} (a mapped value) has no frequency in the rANS table")
