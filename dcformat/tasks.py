@@ -29,14 +29,14 @@ is used. Raises :class:`dcformat.errors.InputError` on outputs that do not fit t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["TaskResult", "TaskSpec", "KINDS", "MODEL_TASKS", "task_check", "ctc_greedy", "yolox_detections"]
+__all__ = ["TaskResult", "TaskSpec", "Decisions", "check_and_decisions", "expected_changes", "KINDS", "MODEL_TASKS", "task_check", "ctc_greedy", "yolox_detections"]
 
 MAP_IOU_SAME = 0.9  # thresholded maps this close give the same text boxes up to a pixel or so of their outline
 PEAK_TOLERANCE = 1  # heatmap peaks may move by one cell (4 input pixels for centerface) and still be the same face
@@ -109,6 +109,13 @@ def task_check(name_or_kind: str | TaskSpec, ref_outputs: Mapping[str, np.ndarra
         InputError: unknown name or kind, the output is missing from either side, shapes differ, or the output's
             shape does not fit the check.
     """
+    spec, out, ref, new, thr = _resolve(name_or_kind, ref_outputs, new_outputs)
+    return _CHECKS[spec.kind](out, ref, new, thr, spec)
+
+
+def _resolve(name_or_kind: str | TaskSpec, ref_outputs: Mapping[str, np.ndarray],
+             new_outputs: Mapping[str, np.ndarray]) -> tuple[TaskSpec, str, np.ndarray, np.ndarray, float | None]:
+    """The check's spec, its output's name, the two outputs and the threshold (InputError as task_check says)."""
     if isinstance(name_or_kind, TaskSpec):
         spec = name_or_kind
     elif name_or_kind in MODEL_TASKS:
@@ -129,7 +136,7 @@ def task_check(name_or_kind: str | TaskSpec, ref_outputs: Mapping[str, np.ndarra
         raise InputError(f"{spec.kind} check: output {out!r} has shape {ref.shape} in the reference, "
                          f"{new.shape} in the candidate")
     thr = spec.threshold if spec.threshold is not None else KINDS[spec.kind]
-    return _CHECKS[spec.kind](out, ref, new, thr, spec)
+    return spec, out, ref, new, thr
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -332,6 +339,141 @@ def _pitch(out, ref, new, thr, spec) -> TaskResult:
     a, b = ref >= thr, new >= thr
     return _result("pitch", out, np.all(a == b, axis=-1), "frames",
                    f"active >= {thr}: {int(a.sum())} note-frames in the reference, {int(b.sum())} in the candidate")
+
+
+# ------------------------------------------------------------------------------- decisions near their edge
+class Decisions(NamedTuple):
+    """Where the reference's answers could change: per decision (a speech probability against its threshold, a
+    CTC step's best class against its runner-up...), how far the reference is from changing it (``slack``), how
+    far the candidate moved it (``delta``, an upper bound on the change of that margin), and its item."""
+
+    slack: np.ndarray  # float64 [e]
+    delta: np.ndarray  # float64 [e]
+    item: np.ndarray  # int64 [e], in 0..n-1
+    n: int  # items
+
+
+#: The candidate's moves that predict flips on new items are measured on the calibration decisions nearest their
+#: edge: this share of them (at least :data:`NEAR_MIN`). Decisions far from it sit where outputs saturate (a
+#: sigmoid at 0.99) and move less for the same weight error.
+NEAR_SHARE = 0.1
+NEAR_MIN = 64
+
+
+def check_and_decisions(name_or_kind: str | TaskSpec, ref_outputs: Mapping[str, np.ndarray],
+                        new_outputs: Mapping[str, np.ndarray]) -> tuple[TaskResult, Decisions | None]:
+    """:func:`task_check`, and the decisions behind its answers (see :class:`Decisions`), or None for a check
+    without them: ``binary_map``, whose items tolerate some changed pixels; ``yolox``, whose answers also turn on
+    box overlaps (measured on ddddocr-det: a file that kept every calibration box moved test boxes to IoU 0.48
+    while no score decision near its threshold moved; overlaps all share one edge, 0.5, so they say nothing
+    beyond the calibration boxes themselves); classification on label outputs, which have no scores. Raises as
+    :func:`task_check` does."""
+    spec, out, ref, new, thr = _resolve(name_or_kind, ref_outputs, new_outputs)
+    result = _CHECKS[spec.kind](out, ref, new, thr, spec)
+    fn = _DECISIONS.get(spec.kind)
+    if fn is None or ref.dtype.kind != "f":
+        return result, None
+    return result, fn(out, ref.astype(np.float64), new.astype(np.float64), thr, spec)
+
+
+def expected_changes(parts: Sequence[Decisions]) -> float:
+    """Expected share of *new* items whose answer changes, from the decisions of calibration items.
+
+    Each calibration decision's moves are an exact pairing: decision e flips when its own delta exceeds its own
+    slack, and a search that only counts those stops where the calibration items happen to have no decision near
+    its edge. New items have decisions at every slack. So every decision's slack is set against the moves of all
+    the decisions near an edge (their empirical distribution, :data:`NEAR_SHARE`): decision e flips with
+    probability P(delta > slack_e), an item changes with at most the sum over its decisions (union bound, capped
+    at 1), and the mean over items is the estimate. 0 when there are no decisions.
+    """
+    parts = [p for p in parts if p.slack.size]
+    n = sum(p.n for p in parts)
+    if not parts or not n:
+        return 0.0
+    slack = np.concatenate([p.slack for p in parts])
+    delta = np.concatenate([p.delta for p in parts])
+    near = min(slack.size, max(NEAR_MIN, int(np.ceil(NEAR_SHARE * slack.size))))
+    moves = np.sort(delta[np.argpartition(slack, near - 1)[:near]] if near < slack.size else delta)
+    p_flip = 1.0 - np.searchsorted(moves, slack, side="right") / moves.size  # share of moves > slack
+    offsets = np.cumsum([0] + [q.n for q in parts[:-1]])
+    item = np.concatenate([q.item + o for q, o in zip(parts, offsets)])
+    per_item = np.minimum(np.bincount(item, weights=p_flip, minlength=n), 1.0)
+    return float(per_item.sum() / n)
+
+
+def _vad_decisions(out, ref, new, thr, spec) -> Decisions:
+    r = ref.ravel()
+    return Decisions(np.abs(r - thr), np.abs(new.ravel() - r), np.arange(r.size), r.size)
+
+
+def _pitch_decisions(out, ref, new, thr, spec) -> Decisions:
+    r = ref.ravel()
+    return Decisions(np.abs(r - thr), np.abs(new.ravel() - r), np.arange(r.size) // 88, r.size // 88)
+
+
+def _gap_to_rival(scores: np.ndarray, tie: np.ndarray | float = 0.0) -> np.ndarray:
+    """Per row of ``scores`` [..., C]: the best score minus the best score of a class outside the tie band
+    (``tie`` below the best); inf when every class is inside it."""
+    top = scores.max(-1, keepdims=True)
+    rivals = np.where(scores < top - np.asarray(tie)[..., None], scores, -np.inf)
+    return (top - rivals.max(-1, keepdims=True))[..., 0]
+
+
+def _spread(d: np.ndarray) -> np.ndarray:
+    """Per row of score changes [..., C]: how much any class's score can gain on another's."""
+    return d.max(-1) - d.min(-1)
+
+
+def _classification_decisions(out, ref, new, thr, spec) -> Decisions | None:
+    if ref.ndim < 2 or ref.shape[-1] < 2:  # labels: no scores to measure a margin on
+        return None
+    rs = ref.reshape(-1, ref.shape[-1])
+    gap = _gap_to_rival(rs, CLASS_TIE * (rs.max(-1) - rs.min(-1)))
+    return Decisions(gap, _spread(new.reshape(rs.shape) - rs), np.arange(rs.shape[0]), rs.shape[0])
+
+
+def _ctc_decisions(out, ref, new, thr, spec) -> Decisions:
+    if spec.layout == "TNC":
+        ref, new = ref.transpose(1, 0, 2), new.transpose(1, 0, 2)
+    order = np.argpartition(ref, -2, axis=-1)[..., -2:]
+    two = np.take_along_axis(ref, order, -1)
+    first = np.where(two[..., 1] >= two[..., 0], order[..., 1], order[..., 0])
+    second = np.where(two[..., 1] >= two[..., 0], order[..., 0], order[..., 1])
+    # a step matters when its runner-up would change the decoded string: compare the labels the window
+    # (previous, this, next step) emits either way; the neighbours are the same in both, so this is exact for
+    # one step changing at a time
+    pad = np.full(first.shape[:1] + (1,), -2)  # no neighbour
+    prev = np.concatenate([pad, first[:, :-1]], 1)
+    nxt = np.concatenate([first[:, 1:], pad], 1)
+    critical = np.any(_window_labels(prev, first, nxt) != _window_labels(prev, second, nxt), axis=-1)
+    slack = np.abs(np.diff(np.sort(two, -1), axis=-1))[..., 0]
+    delta = _spread(new - ref)
+    line = np.broadcast_to(np.arange(first.shape[0])[:, None], first.shape)
+    return Decisions(slack[critical], delta[critical], line[critical], first.shape[0])
+
+
+def _window_labels(prev: np.ndarray, this: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """The labels greedy CTC emits for three consecutive steps (repeats merged, blanks and missing neighbours
+    (-2) dropped), left-aligned in [..., 3] with -1 after them."""
+    w = np.stack([prev, np.where(this != prev, this, -1), np.where(nxt != this, nxt, -1)], -1)
+    w = np.where((w == CTC_BLANK) | (w == -2), -1, w)
+    return np.take_along_axis(w, np.argsort(w == -1, axis=-1, kind="stable"), -1)
+
+
+def _heatmap_decisions(out, ref, new, thr, spec) -> Decisions:
+    h = ref.reshape(ref.shape[0], ref.shape[-2], ref.shape[-1])
+    local = _peaks(h, -np.inf)  # every local maximum: each becomes or stops being a face as it crosses thr
+    img = np.broadcast_to(np.arange(h.shape[0])[:, None, None], h.shape)
+    return Decisions(np.abs(h[local] - thr), np.abs(new.reshape(h.shape)[local] - h[local]), img[local], h.shape[0])
+
+
+_DECISIONS = {
+    "classification": _classification_decisions,
+    "ctc": _ctc_decisions,
+    "heatmap_peaks": _heatmap_decisions,
+    "vad": _vad_decisions,
+    "pitch": _pitch_decisions,
+}
 
 
 _CHECKS = {

@@ -27,8 +27,15 @@ def _mnist():
 def test_target_parse():
     assert allocate.Target.parse("rel_l2=1e-2") == allocate.Target("rel_l2", 0.01)
     assert allocate.Target.parse("top1=1") == allocate.Target("top1", 1.0)
+    assert allocate.Target.parse("task=ctc") == allocate.Target("task", 1.0, "ctc")
+    loose = allocate.Target.parse("task=ddddocr-common,changes=0.01")
+    assert (loose.task, loose.changes, loose.budget, str(loose)) == ("ddddocr-common", 0.01, 0.01,
+                                                                      "task=ddddocr-common,changes=0.01")
+    assert allocate.Target.parse("task=ctc").budget == allocate.CHANGE_BUDGET
     for bad, match in (("psnr=30", "expected one of"), ("rel_l2=abc", "not a number"), ("rel_l2=2", "must be in"),
-                       ("cosine=0", "must be in"), ("rel_l2", "expected one of")):
+                       ("cosine=0", "must be in"), ("rel_l2", "expected one of"), ("task=nope", "no task check"),
+                       ("task=ctc,changes=x", "not a number"), ("task=ctc,changes=1", "must be in"),
+                       ("task=ctc,margin=2", "expected ',changes=V'")):
         with pytest.raises(InputError, match=match):
             allocate.Target.parse(bad)
 
@@ -360,3 +367,34 @@ def test_memo_of_run_outputs_is_bounded_and_changes_no_result(monkeypatch):
     assert tight._outputs_bytes == sum(allocate._outputs_nbytes(o) for o in tight._outputs.values())
     assert [c.candidate for c in bounded.choices] == [c.candidate for c in unbounded.choices]
     assert str(bounded.validation) == str(unbounded.validation)
+
+
+def test_task_target_holds_the_expected_changes_on_new_items(monkeypatch):
+    calib, _, _ = _mnist()
+    graph, weights = extract_weights(load_model(bundled("lenet300.onnx")))
+    goal = allocate.Target.parse("task=lenet300")
+    ref = allocate.run_all(load_model(bundled("lenet300.onnx")), calib)
+    # logits moved a little: no digit changes its class, but some rows' top two are closer than the moves
+    rng = np.random.default_rng(0)
+    moved = [{k: v + rng.normal(0, 0.3, v.shape).astype(v.dtype) for k, v in r.items()} for r in ref]
+    agree, _, _, changes = allocate._task_measures("lenet300", ref, moved)
+    assert agree == 1.0 and changes > 0
+    monkeypatch.setattr(allocate, "CHANGE_BUDGET", changes / 2)
+    assert not goal.met([], ref, moved)
+    monkeypatch.setattr(allocate, "CHANGE_BUDGET", changes)
+    assert goal.met([], ref, moved)
+    assert "expected share of new items that change" in allocate.task_agreement("lenet300", ref, moved)[1]
+    # the search keeps the estimate within the budget, without the weight-error margin; a larger budget buys a
+    # smaller file
+    a = allocate.Allocator(graph, weights, dcformat.Policy(), allocate.validation_runs(graph, calib))
+    sizes = {}
+    for budget in (1e-3, 5e-2):
+        monkeypatch.setattr(allocate, "CHANGE_BUDGET", budget)
+        alloc = a.solve(goal, validate=False)
+        choice = {c.name: c.candidate for c in alloc.choices}
+        out = a._outputs_of(choice, 1.0)
+        assert alloc.met and allocate._task_measures("lenet300", a.probe.reference, out)[3] <= budget
+        sizes[budget] = alloc.estimated_bytes
+    assert sizes[5e-2] < sizes[1e-3]
+    assert a.solve(goal).validation.margin == 1.0
+    assert a.solve(allocate.Target("top1", 1.0)).validation.margin == allocate.DISCRETE_MARGIN

@@ -15,8 +15,11 @@ from dcformat.fidelity import run
 from dcformat.tasks import (
     KINDS,
     MODEL_TASKS,
+    Decisions,
     TaskSpec,
+    check_and_decisions,
     ctc_greedy,
+    expected_changes,
     task_check,
     yolox_detections,
 )
@@ -135,6 +138,75 @@ def test_vad_and_pitch():
     new[0, 2, 52] = 0.6  # an extra note in frame 2
     r = _check("pitch", notes, new)
     assert (r.agree, r.n) == (0.75, 4) and "first differing frames: [2]" in r.detail
+
+
+def _decisions(kind, ref, new, **spec):
+    return check_and_decisions(TaskSpec(kind, "y", **spec), {"y": np.asarray(ref)}, {"y": np.asarray(new)})[1]
+
+
+# ------------------------------------------------------------------------------ decisions and the estimate
+def test_expected_changes_sets_every_slack_against_the_moves_near_an_edge(monkeypatch):
+    from dcformat import tasks
+
+    monkeypatch.setattr(tasks, "NEAR_MIN", 2)
+    monkeypatch.setattr(tasks, "NEAR_SHARE", 0.5)
+    # run 1: two items, decisions with slacks 0.1 (item 0), 0.5 and 0.3 (item 1); run 2: one item, slack 0.9
+    a = Decisions(np.array([0.1, 0.5, 0.3]), np.array([0.05, 0.0, 0.2]), np.array([0, 1, 1]), 2)
+    b = Decisions(np.array([0.9]), np.array([0.01]), np.array([0]), 1)
+    # the two decisions nearest an edge (slacks 0.1, 0.3) moved 0.05 and 0.2: P(move > 0.1) = 1/2, > 0.3: 0,
+    # > 0.5: 0, > 0.9: 0. No calibration decision flipped (0.05 < 0.1, 0.2 < 0.3), yet item 0 is estimated to
+    # change with 1/2: its slack is one the near moves exceed
+    assert expected_changes([a, b]) == pytest.approx((0.5 + 0 + 0) / 3)
+    # unchanged outputs: nothing moves, nothing changes; no decisions at all: 0
+    still = Decisions(a.slack, np.zeros(3), a.item, 2)
+    assert expected_changes([still, b._replace(delta=np.zeros(1))]) == 0.0
+    assert expected_changes([Decisions(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), 3)]) == 0.0
+    # an item's decisions add up to at most 1
+    many = Decisions(np.full(4, 0.01), np.full(4, 1.0), np.zeros(4, np.int64), 1)
+    assert expected_changes([many]) == 1.0
+
+
+def test_decisions_of_each_kind():
+    ref = np.array([[0.9], [0.1], [0.55], [0.3]])
+    d = _decisions("vad", ref, ref + 0.04)
+    np.testing.assert_allclose(d.slack, [0.4, 0.4, 0.05, 0.2])
+    np.testing.assert_allclose(d.delta, 0.04, rtol=1e-6)
+    assert d.n == 4 and d.item.tolist() == [0, 1, 2, 3]
+    notes = np.full((1, 2, 88), 0.1)
+    d = _decisions("pitch", notes, notes)
+    assert d.n == 2 and d.item.tolist() == [0] * 88 + [1] * 88 and not d.delta.any()
+    # classification: the gap to the best class outside the tie band; the change any class can gain on another
+    scores = np.array([[0.7, 0.2, 0.1], [0.50015, 0.49985, 0.0]])
+    d = _decisions("classification", scores, scores + [[0.0, 0.05, -0.02], [0, 0, 0]])
+    np.testing.assert_allclose(d.slack, [0.5, 0.50015])  # row 1: class 1 is tied with the top, class 2 the rival
+    np.testing.assert_allclose(d.delta, [0.07, 0.0])
+    assert _decisions("classification", np.array([0, 1]), np.array([0, 1])) is None  # labels have no scores
+    assert _decisions("binary_map", np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4))) is None
+
+
+def test_ctc_decisions_are_the_steps_whose_runner_up_changes_the_string():
+    eye = np.eye(4)
+    # line "1 2": steps 1 1 0 2; each step's runner-up is given 0.3 (its best 0.6)
+    ids, runner = [1, 1, 0, 2], [0, 3, 2, 0]
+    line = np.stack([0.6 * eye[i] + 0.3 * eye[r] for i, r in zip(ids, runner)])[None]
+    d = _decisions("ctc", line, line)
+    # step 0 (1 -> blank): step 1 still emits "1": same string. step 1 (1 -> 3): "1 3 2", changed. step 2
+    # (blank -> 2): "1 2", same (the 2 merges with step 3). step 3 (2 -> blank): "1", changed
+    assert d.n == 1 and d.item.tolist() == [0, 0]
+    np.testing.assert_allclose(d.slack, [0.3, 0.3])
+    tnc = _decisions("ctc", line.transpose(1, 0, 2), line.transpose(1, 0, 2), layout="TNC")
+    np.testing.assert_allclose(tnc.slack, d.slack)
+
+
+def test_heatmap_decisions_and_none_for_yolox():
+    heat = np.zeros((1, 1, 6, 6))
+    heat[0, 0, 1, 1], heat[0, 0, 4, 4] = 0.25, 0.1  # a face 0.05 above the 0.2 threshold, a bump 0.1 below
+    heat += np.arange(36).reshape(6, 6) * 1e-6  # no flat plateaus: the two bumps and one corner are the maxima
+    d = _decisions("heatmap_peaks", heat, heat + 0.01)
+    assert sorted(np.round(d.slack, 3).tolist())[:2] == [0.05, 0.1] and d.n == 1
+    np.testing.assert_allclose(d.delta, 0.01, rtol=1e-6)
+    raw = _yolox_raw([(0, 2, 2, 0.5, 0.5)])
+    assert _decisions("yolox", raw, raw) is None  # boxes turn on overlaps too: no estimate (margin instead)
 
 
 def test_default_outputs_and_errors():

@@ -85,7 +85,7 @@ def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES) -> dict:
         r = dcformat.compress(src, tmp / f"{name}.{label}.dcz", policy, overwrite=True)
         agree, rel, _ = _check(name, src, r.output, test)
         row[label] = {"bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel}
-    goal = allocate.Target.parse(f"task={name}" if target_text == "task" else target_text)
+    goal = allocate.Target.parse(f"task={name}{target_text[4:]}" if target_text.startswith("task") else target_text)
     t0 = time.perf_counter()
     r, alloc, final = allocate.compress_to_target(src, tmp / f"{name}.target.dcz", dcformat.Policy(), goal, calib,
                                                   check_inputs=test, overwrite=True)
@@ -101,7 +101,7 @@ def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*")
-    ap.add_argument("--target", default="task", help="'task' (each model's own check) or METRIC=V")
+    ap.add_argument("--target", default="task", help="'task' (each model's own check), 'task,changes=V', or METRIC=V")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-samples", type=int, default=SAMPLES,
                     help=f"calibration runs (seeds) per model (default {SAMPLES}; the test split keeps {SAMPLES})")
