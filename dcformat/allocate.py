@@ -112,12 +112,13 @@ SYNTHETIC_WARNING = (
     "--calibration inputs.npz with real samples keyed by input name."
 )
 _METRICS = ("rel_l2", "cosine", "top1")
-#: A task target also holds the expected share of new items whose answer changes (tasks.expected_changes: every
-#: calibration decision's distance from its edge set against the moves of those nearest it) to at most this. The
-#: calibration items alone cannot: the smallest file that keeps their answers keeps them by the width of their own
-#: decisions' margins (measured, 8 calibration samples: centerface 0 of 80 calibration images changed and 1 of 80
-#: test images, estimate 3.5%; silero-vad 0 of 32 and 2 of 32, estimate 0.6%).
-CHANGE_BUDGET = 1e-3
+#: A task target also holds the estimated share of new items whose answer changes (tasks.expected_changes: the
+#: calibration decisions' slack density near the edge against their moves) to at most this. The calibration items
+#: alone cannot: the smallest file that keeps their answers keeps them by the width of their own decisions'
+#: margins (measured, 8 calibration samples, no estimate: centerface 0 of 80 calibration images changed and 1 of 80
+#: test images; silero-vad 0 of 32 and 2 of 32). The estimate errs high (a digits MLP: 6% estimated, 1% changed),
+#: so 1% is a strict budget in practice.
+CHANGE_BUDGET = 1e-2
 #: A top-1 target holds outputs without class scores (a box or embedding output beside the scores) to this rel L2.
 TOP1_FALLBACK_REL_L2 = 1e-2
 

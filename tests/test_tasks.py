@@ -145,7 +145,7 @@ def _decisions(kind, ref, new, **spec):
 
 
 # ------------------------------------------------------------------------------ decisions and the estimate
-def test_expected_changes_sets_every_slack_against_the_moves_near_an_edge(monkeypatch):
+def test_expected_changes_spreads_the_near_slacks_evenly_down_to_the_edge(monkeypatch):
     from dcformat import tasks
 
     monkeypatch.setattr(tasks, "NEAR_MIN", 2)
@@ -153,17 +153,35 @@ def test_expected_changes_sets_every_slack_against_the_moves_near_an_edge(monkey
     # run 1: two items, decisions with slacks 0.1 (item 0), 0.5 and 0.3 (item 1); run 2: one item, slack 0.9
     a = Decisions(np.array([0.1, 0.5, 0.3]), np.array([0.05, 0.0, 0.2]), np.array([0, 1, 1]), 2)
     b = Decisions(np.array([0.9]), np.array([0.01]), np.array([0]), 1)
-    # the two decisions nearest an edge (slacks 0.1, 0.3) moved 0.05 and 0.2: P(move > 0.1) = 1/2, > 0.3: 0,
-    # > 0.5: 0, > 0.9: 0. No calibration decision flipped (0.05 < 0.1, 0.2 < 0.3), yet item 0 is estimated to
-    # change with 1/2: its slack is one the near moves exceed
-    assert expected_changes([a, b]) == pytest.approx((0.5 + 0 + 0) / 3)
-    # unchanged outputs: nothing moves, nothing changes; no decisions at all: 0
+    # the near decisions are the two smallest slacks (q = 0.3, 2 of 4 decisions), taken as spread evenly over
+    # [0, 0.3]; their moves 0.05 and 0.2 flip a decision with P = 2/4 * m / 0.3; 4 decisions on 3 items
+    p = [2 / 4 * 0.05 / 0.3, 2 / 4 * 0.2 / 0.3]
+    assert expected_changes([a, b]) == pytest.approx(4 / 3 * np.mean(p))
+    # no calibration decision flipped (0.05 < 0.1, 0.2 < 0.3) and the estimate is not 0: a new item's decision
+    # may sit at any slack. A move beyond q counts the slacks actually below it
+    far = a._replace(delta=np.array([0.05, 0.0, 0.6]))
+    assert expected_changes([far, b]) == pytest.approx(4 / 3 * np.mean([2 / 4 * 0.05 / 0.3, 3 / 4]))
+    # unchanged outputs: nothing moves, nothing changes; no decisions at all: 0; at most 1
     still = Decisions(a.slack, np.zeros(3), a.item, 2)
     assert expected_changes([still, b._replace(delta=np.zeros(1))]) == 0.0
     assert expected_changes([Decisions(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), 3)]) == 0.0
-    # an item's decisions add up to at most 1
     many = Decisions(np.full(4, 0.01), np.full(4, 1.0), np.zeros(4, np.int64), 1)
     assert expected_changes([many]) == 1.0
+
+
+def test_expected_changes_rest_on_the_slack_density_not_on_the_smallest_slack():
+    """Two calibration sets whose smallest slacks differ tenfold but whose slacks are otherwise alike give
+    nearly the same estimate: a search cannot buy bytes by fitting the gap below the smallest slack."""
+    rng = np.random.default_rng(0)
+    slack = np.sort(rng.uniform(0, 1, 2000))
+    moves = np.full(2000, 0.01)
+    item = np.arange(2000)
+    one = expected_changes([Decisions(slack, moves, item, 2000)])
+    slack2 = slack.copy()
+    slack2[0] = slack[0] * 10
+    two = expected_changes([Decisions(slack2, moves, item, 2000)])
+    assert one == pytest.approx(0.01, rel=0.15)  # uniform slacks: P(slack < 0.01) = 1%
+    assert two == pytest.approx(one, rel=0.01)
 
 
 def test_decisions_of_each_kind():
