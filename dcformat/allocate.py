@@ -172,13 +172,14 @@ class Target:
         return cls(metric, v)
 
     def met(self, fids: Sequence[fidelity.OutputFidelity], reference: Sequence[Feeds] | None = None,
-            outputs: Sequence[Feeds] | None = None) -> bool:
-        """Whether the outputs meet the target (task targets need the reference and candidate outputs)."""
+            outputs: Sequence[Feeds] | None = None, *, estimate: bool = True) -> bool:
+        """Whether the outputs meet the target (task targets need the reference and candidate outputs; with
+        ``estimate`` False only their answers count, not the estimate of changes on new items)."""
         if self.metric == "task":
             if reference is None or outputs is None:
                 raise InputError(f"target {self}: a task check needs the model outputs")
             agree, _, _, changes = _task_measures(self.task, reference, outputs)
-            return agree >= self.value and (changes is None or changes <= self.budget)
+            return agree >= self.value and (not estimate or changes is None or changes <= self.budget)
         for f in fids:
             if self.metric == "rel_l2" and not f.rel_l2 <= self.value:
                 return False
@@ -1187,7 +1188,8 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
                        progress: Callable[[int, int, str], None] | None = None):
     """Allocate settings on ``calibration`` (random inputs, with a warning, when None), compress with them, then
     verify: decode the written file, rebuild the model and run it beside the original on ``check_inputs``
-    (default: the calibration inputs). Task and top-1 targets are cross-validated on the calibration runs (one
+    (default: the calibration inputs); a task target is verified on its answers there, its estimate of changes on
+    new items reported in the detail. Task and top-1 targets are cross-validated on the calibration runs (one
     batched run is split, :func:`validation_runs`): :attr:`Allocation.validation`, also in the file's metadata as
     ``dcz.target_validation``.
 
@@ -1215,7 +1217,10 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
     reference = run_all(load_model(model_path), inputs)
     outputs = run_all(api.load(result.output), inputs)
     fids = merge_fidelity([fidelity.compare(r, o) for r, o in zip(reference, outputs)])
-    met = target.met(fids, reference, outputs)
+    # the final check judges the answers; the estimate of changes steered the search and is in the detail (it
+    # varies from sample to sample: a LeNet-300 file at 1.0% on its calibration digits read 1.8% on held-out ones,
+    # all 250 of which kept their answers)
+    met = target.met(fids, reference, outputs, estimate=False)
     if target.metric == "task":
         detail = task_agreement(target.task, reference, outputs)[1]
     else:

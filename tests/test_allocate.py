@@ -381,6 +381,7 @@ def test_task_target_holds_the_expected_changes_on_new_items(monkeypatch):
     assert agree == 1.0 and changes > 0
     monkeypatch.setattr(allocate, "CHANGE_BUDGET", changes / 2)
     assert not goal.met([], ref, moved)
+    assert goal.met([], ref, moved, estimate=False)  # the final check judges the answers alone
     monkeypatch.setattr(allocate, "CHANGE_BUDGET", changes)
     assert goal.met([], ref, moved)
     assert "expected share of new items that change" in allocate.task_agreement("lenet300", ref, moved)[1]
