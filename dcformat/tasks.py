@@ -416,25 +416,24 @@ def _pitch_decisions(out, ref, new, thr, spec) -> Decisions:
     return Decisions(np.abs(r - thr), np.abs(new.ravel() - r), np.arange(r.size) // 88, r.size // 88)
 
 
-def _gap_to_rival(scores: np.ndarray, tie: np.ndarray | float = 0.0) -> np.ndarray:
-    """Per row of ``scores`` [..., C]: the best score minus the best score of a class outside the tie band
-    (``tie`` below the best); inf when every class is inside it."""
-    top = scores.max(-1, keepdims=True)
-    rivals = np.where(scores < top - np.asarray(tie)[..., None], scores, -np.inf)
-    return (top - rivals.max(-1, keepdims=True))[..., 0]
-
-
-def _spread(d: np.ndarray) -> np.ndarray:
-    """Per row of score changes [..., C]: how much any class's score can gain on another's."""
-    return d.max(-1) - d.min(-1)
+def _rival_gap(ref: np.ndarray, new: np.ndarray, tie: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of scores [..., C]: the best class's lead over its rival (the best class outside the tie band,
+    ``tie`` below the best; inf when there is none), and how much the candidate changed that lead."""
+    top = ref.argmax(-1)[..., None]
+    best = np.take_along_axis(ref, top, -1)
+    masked = np.where(ref < best - np.asarray(tie)[..., None], ref, -np.inf)
+    rival = masked.argmax(-1)[..., None]
+    lead = (best - np.take_along_axis(masked, rival, -1))[..., 0]
+    change = np.take_along_axis(new - ref, top, -1) - np.take_along_axis(new - ref, rival, -1)
+    return lead, np.where(np.isfinite(lead), np.abs(change[..., 0]), 0.0)
 
 
 def _classification_decisions(out, ref, new, thr, spec) -> Decisions | None:
     if ref.ndim < 2 or ref.shape[-1] < 2:  # labels: no scores to measure a margin on
         return None
     rs = ref.reshape(-1, ref.shape[-1])
-    gap = _gap_to_rival(rs, CLASS_TIE * (rs.max(-1) - rs.min(-1)))
-    return Decisions(gap, _spread(new.reshape(rs.shape) - rs), np.arange(rs.shape[0]), rs.shape[0])
+    lead, change = _rival_gap(rs, new.reshape(rs.shape), CLASS_TIE * (rs.max(-1) - rs.min(-1)))
+    return Decisions(lead, change, np.arange(rs.shape[0]), rs.shape[0])
 
 
 def _ctc_decisions(out, ref, new, thr, spec) -> Decisions:
@@ -451,8 +450,9 @@ def _ctc_decisions(out, ref, new, thr, spec) -> Decisions:
     prev = np.concatenate([pad, first[:, :-1]], 1)
     nxt = np.concatenate([first[:, 1:], pad], 1)
     critical = np.any(_window_labels(prev, first, nxt) != _window_labels(prev, second, nxt), axis=-1)
-    slack = np.abs(np.diff(np.sort(two, -1), axis=-1))[..., 0]
-    delta = _spread(new - ref)
+    slack = (two.max(-1) - two.min(-1))  # the lead over the runner-up, and how much the candidate changed it
+    d = new - ref
+    delta = np.abs(np.take_along_axis(d, first[..., None], -1) - np.take_along_axis(d, second[..., None], -1))[..., 0]
     line = np.broadcast_to(np.arange(first.shape[0])[:, None], first.shape)
     return Decisions(slack[critical], delta[critical], line[critical], first.shape[0])
 

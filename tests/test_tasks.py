@@ -193,11 +193,12 @@ def test_decisions_of_each_kind():
     notes = np.full((1, 2, 88), 0.1)
     d = _decisions("pitch", notes, notes)
     assert d.n == 2 and d.item.tolist() == [0] * 88 + [1] * 88 and not d.delta.any()
-    # classification: the gap to the best class outside the tie band; the change any class can gain on another
+    # classification: the lead of the best class over its rival (the best outside the tie band), and its change
     scores = np.array([[0.7, 0.2, 0.1], [0.50015, 0.49985, 0.0]])
-    d = _decisions("classification", scores, scores + [[0.0, 0.05, -0.02], [0, 0, 0]])
+    d = _decisions("classification", scores, scores + [[0.0, 0.05, -0.02], [0.01, 0.0, 0.03]])
     np.testing.assert_allclose(d.slack, [0.5, 0.50015])  # row 1: class 1 is tied with the top, class 2 the rival
-    np.testing.assert_allclose(d.delta, [0.07, 0.0])
+    np.testing.assert_allclose(d.delta, [0.05, 0.02])
+    assert _decisions("classification", np.ones((1, 3)), np.ones((1, 3))).slack.tolist() == [np.inf]  # all tied
     assert _decisions("classification", np.array([0, 1]), np.array([0, 1])) is None  # labels have no scores
     assert _decisions("binary_map", np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4))) is None
 
@@ -212,6 +213,10 @@ def test_ctc_decisions_are_the_steps_whose_runner_up_changes_the_string():
     # (blank -> 2): "1 2", same (the 2 merges with step 3). step 3 (2 -> blank): "1", changed
     assert d.n == 1 and d.item.tolist() == [0, 0]
     np.testing.assert_allclose(d.slack, [0.3, 0.3])
+    moved = line.copy()
+    moved[0, 1, 3] += 0.1  # step 1's runner-up gains 0.1 on it; a class that is not the runner-up changes nothing
+    moved[0, 3, 1] += 0.2
+    np.testing.assert_allclose(_decisions("ctc", line, moved).delta, [0.1, 0.0], atol=1e-12)
     tnc = _decisions("ctc", line.transpose(1, 0, 2), line.transpose(1, 0, 2), layout="TNC")
     np.testing.assert_allclose(tnc.slack, d.slack)
 
