@@ -1180,6 +1180,7 @@ class Verification:
     fidelity: list[fidelity.OutputFidelity]
     detail: str  # the task check's one-line detail, or the worst metric
     on: str  # "calibration" or "check inputs"
+    expected_changes: float | None = None  # task targets with decisions: the estimate on those inputs
 
 
 def compress_to_target(model_path, output, policy: Policy, target: Target,
@@ -1221,11 +1222,14 @@ def compress_to_target(model_path, output, policy: Policy, target: Target,
     # varies from sample to sample: a LeNet-300 file at 1.0% on its calibration digits read 1.8% on held-out ones,
     # all 250 of which kept their answers)
     met = target.met(fids, reference, outputs, estimate=False)
+    changes = None
     if target.metric == "task":
         detail = task_agreement(target.task, reference, outputs)[1]
+        changes = _task_measures(target.task, reference, outputs)[3]
     else:
         detail = f"worst rel L2 {max((f.rel_l2 for f in fids), default=0.0):.2e}"
-    return result, alloc, Verification(met, fids, detail, "check inputs" if check_inputs is not None else "calibration")
+    return result, alloc, Verification(met, fids, detail, "check inputs" if check_inputs is not None else "calibration",
+                                       changes)
 
 
 @dataclass(frozen=True)

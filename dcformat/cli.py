@@ -213,7 +213,8 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
         if alloc is not None:
             doc["fidelity"] = [f.__dict__ for f in verified.fidelity]
             doc["target"] = {"goal": str(alloc.target), "met": verified.met, "verified_on": verified.on,
-                             "detail": verified.detail, "evaluations": alloc.evaluations,
+                             "detail": verified.detail, "expected_changes": verified.expected_changes,
+                             "evaluations": alloc.evaluations,
                              "allocation_seconds": alloc.seconds,
                              "choices": [{"name": c.name, "rel_error": c.candidate.rel_error,
                                           "per_channel": c.candidate.per_channel,

@@ -204,6 +204,14 @@ def test_cli_target_and_sensitivity(tmp_path):
     assert len(v["folds"]) == allocate.VALIDATION_FOLDS and sum(f["held_out"] for f in v["folds"]) == runs
     assert 0 <= v["held_out_agreement"] <= 1 and v["summary"].startswith("cross-validated")
     assert (v["new_items_differ_at_most"] is None) == (not v["all_folds_met"])
+    assert doc["target"]["expected_changes"] is None  # top1: no estimate
+    r = CliRunner().invoke(main, ["compress", src, "-o", str(tmp_path / "t.dcz"), "--target", "task=lenet300,changes=0.05",
+                                  "--calibration", str(tmp_path / "calib.npz"), "--inputs", str(tmp_path / "test.npz"),
+                                  "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["target"]["goal"] == "task=lenet300,changes=0.05" and 0 <= doc["target"]["expected_changes"] <= 1
+    assert f"expected share of new items that change: {doc['target']['expected_changes']:.2%}" in doc["target"]["detail"]
+    assert (r.exit_code == 0) == doc["target"]["met"]
     r = CliRunner().invoke(main, ["sensitivity", src, "--calibration", str(tmp_path / "calib.npz"), "--json",
                                   "--errors", "1e-2,1e-1", "--plot", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
