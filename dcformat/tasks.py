@@ -25,6 +25,10 @@ pitch              a frame of a note-activation output ``[N, T, 88]``: the same 
 
 :data:`MODEL_TASKS` maps each public model (``tools/fetch_models.py`` ids, the bundled models) to its check. Only numpy
 is used. Raises :class:`dcformat.errors.InputError` on outputs that do not fit the check (message names them).
+
+:func:`check_and_decisions` also returns the decisions behind the answers (each with its distance from its edge and
+how far the candidate moved it), and :func:`expected_changes` turns the decisions of calibration items into an
+estimate of the share of new items whose answer would change: what ``dcz compress --target task=...`` bounds.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["TaskResult", "TaskSpec", "Decisions", "check_and_decisions", "expected_changes", "KINDS", "MODEL_TASKS", "task_check", "ctc_greedy", "yolox_detections"]
+__all__ = ["TaskResult", "TaskSpec", "Decisions", "check_and_decisions", "expected_changes", "KINDS", "MODEL_TASKS",
+           "task_check", "ctc_greedy", "yolox_detections"]
 
 MAP_IOU_SAME = 0.9  # thresholded maps this close give the same text boxes up to a pixel or so of their outline
 PEAK_TOLERANCE = 1  # heatmap peaks may move by one cell (4 input pixels for centerface) and still be the same face
@@ -345,7 +350,7 @@ def _pitch(out, ref, new, thr, spec) -> TaskResult:
 class Decisions(NamedTuple):
     """Where the reference's answers could change: per decision (a speech probability against its threshold, a
     CTC step's best class against its runner-up...), how far the reference is from changing it (``slack``), how
-    far the candidate moved it (``delta``, an upper bound on the change of that margin), and its item."""
+    far the candidate moved it toward or away from its edge (``delta``), and its item."""
 
     slack: np.ndarray  # float64 [e]
     delta: np.ndarray  # float64 [e]
@@ -416,7 +421,7 @@ def _pitch_decisions(out, ref, new, thr, spec) -> Decisions:
     return Decisions(np.abs(r - thr), np.abs(new.ravel() - r), np.arange(r.size) // 88, r.size // 88)
 
 
-def _rival_gap(ref: np.ndarray, new: np.ndarray, tie: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def _rival_gap(ref: np.ndarray, new: np.ndarray, tie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of scores [..., C]: the best class's lead over its rival (the best class outside the tie band,
     ``tie`` below the best; inf when there is none), and how much the candidate changed that lead."""
     top = ref.argmax(-1)[..., None]
@@ -450,7 +455,7 @@ def _ctc_decisions(out, ref, new, thr, spec) -> Decisions:
     prev = np.concatenate([pad, first[:, :-1]], 1)
     nxt = np.concatenate([first[:, 1:], pad], 1)
     critical = np.any(_window_labels(prev, first, nxt) != _window_labels(prev, second, nxt), axis=-1)
-    slack = (two.max(-1) - two.min(-1))  # the lead over the runner-up, and how much the candidate changed it
+    slack = two.max(-1) - two.min(-1)  # the lead over the runner-up, and how much the candidate changed it
     d = new - ref
     delta = np.abs(np.take_along_axis(d, first[..., None], -1) - np.take_along_axis(d, second[..., None], -1))[..., 0]
     line = np.broadcast_to(np.arange(first.shape[0])[:, None], first.shape)
