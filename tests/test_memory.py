@@ -79,21 +79,31 @@ ROWS, COLS = 2048, 4096
 MAX_PEAK_TENSORS = 3.5
 
 
+def _matmul_model(w: np.ndarray, path: Path) -> None:
+    """A one-MatMul model y = x @ W with ``w`` as its initializer W, saved at ``path``."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+        [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def _child(code: str, *args) -> dict:
+    """Run ``code`` in a fresh interpreter (dcformat importable) and return the JSON it prints after RESULT."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak reset")
 def test_compress_peak_memory_is_bounded_by_the_largest_weight(tmp_path):
     w = np.random.default_rng(0).standard_normal((ROWS, COLS), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ROWS])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLS])],
-        [numpy_helper.from_array(w, "W")])
     src = tmp_path / "big.onnx"
-    onnx.save(helper.make_model(graph), src)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(tmp_path / "big.dcz")],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    _matmul_model(w, src)
+    r = _child(_CHILD, src, tmp_path / "big.dcz")
     above = r["peak"] - r["baseline"]
     assert above < MAX_PEAK_TENSORS * w.nbytes, f"{above / 2**20:.0f} MiB above the imports for a 32 MiB weight"
     print(f"compress: {above / 2**20:.0f} MiB above the imports, {above / w.nbytes:.2f} x the weight")
@@ -129,18 +139,9 @@ def test_probe_trial_runs_do_not_accumulate_the_trial_weights(tmp_path):
     hoisted model once kept every trial's weights: PP-OCRv4 rec grew past 16 GB)."""
     rows, cols = 1024, 2048  # 8 MiB float32
     w = np.random.default_rng(1).standard_normal((rows, cols), dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-        [numpy_helper.from_array(w, "W")])
     src = tmp_path / "probe.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = _PROBE_CHILD % {"rows": rows, "runs": PROBE_RUNS}
-    proc = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    _matmul_model(w, src)
+    r = _child(_PROBE_CHILD % {"rows": rows, "runs": PROBE_RUNS}, src)
     assert r["mode"] == "initializers"
     assert r["growth"] < MAX_PROBE_GROWTH_TENSORS * w.nbytes, \
         f"{r['growth'] / 2**20:.0f} MiB more after {PROBE_RUNS} trial runs of an 8 MiB weight"
