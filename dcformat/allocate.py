@@ -229,15 +229,11 @@ def _agreement_detail(agree: float, n: int, worst: str, changes: float | None) -
     return f"{agree:.2%} of {n} items agree{estimate}; {worst}"
 
 
-def _task_agreement(check: str, reference: Sequence[Feeds], outputs: Sequence[Feeds]) -> tuple[float, int, str]:
-    """Item-weighted task agreement over runs, the items counted, and the least agreeing run's detail."""
-    return _task_measures(check, reference, outputs)[:3]
-
-
 def _task_measures(check: str, reference: Sequence[Feeds],
                    outputs: Sequence[Feeds]) -> tuple[float, int, str, float | None]:
-    """:func:`_task_agreement`, and the expected share of new items whose answer changes
-    (:func:`dcformat.tasks.expected_changes`; None for a check without decisions)."""
+    """Item-weighted task agreement over runs, the items counted, the least agreeing run's detail, and the
+    expected share of new items whose answer changes (:func:`dcformat.tasks.expected_changes`; None for a check
+    without decisions)."""
     from . import tasks
 
     pairs = [tasks.check_and_decisions(check, r, o) for r, o in zip(reference, outputs)]
@@ -1007,7 +1003,7 @@ class Allocator:
         on the calibration runs ``items``, and the number of items (samples, lines, streams...) it counts."""
         reference, outputs = _subset(self.probe.reference, items), _subset(self._outputs_of(choice, 1.0), items)
         if target.metric == "task":
-            return _task_agreement(target.task, reference, outputs)[:2]
+            return _task_measures(target.task, reference, outputs)[:2]
 
         def score(f: fidelity.OutputFidelity) -> float:  # Target.met's rule for outputs without class scores
             return f.top1_agreement if f.top1_agreement is not None else float(f.rel_l2 <= TOP1_FALLBACK_REL_L2)
