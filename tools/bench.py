@@ -513,29 +513,35 @@ class NNCodecPeer:
     def at(self, qp: int) -> dict:
         """Encode + decode at ``qp`` (memoized): sizes, times, and the fidelity of the rebuilt model."""
         if qp not in self.results:
-            from dcformat.onnx_rebuild import rebuild
-
             t0 = time.perf_counter()
-            if self.proc is None:
-                npz = self.m.tmp / f"{self.m.name}.nnc-in.npz"
-                np.savez(npz, **{k: np.asarray(w.array, dtype=np.float32) for k, w in self.coded.items()})
-                self.proc = subprocess.Popen([str(self.python), str(ROOT / "tools" / "nncodec_peer.py"), str(npz)],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            out = self.m.tmp / f"{self.m.name}.nnc-out.npz"
-            self.proc.stdin.write(json.dumps({"qp": qp, "out": str(out)}) + "\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"nncodec_peer exited at qp {qp} (exit code {self.proc.wait()})")
-            res = json.loads(line)
-            with np.load(out) as z:
-                arrays = {w.name: z[k].astype(w.array.dtype) for k, w in self.coded.items()}
-            model = rebuild(self.blob, {**arrays, **self.kept})
-            res["file_bytes"] = res["bitstream_bytes"] + self.graph_xz_bytes
+            res, model = self.rebuilt(qp)
             res["fidelity"] = self.m.fidelity(fidelity.run(model, self.m.feeds))
             self.seconds += time.perf_counter() - t0
             self.results[qp] = res
         return self.results[qp]
+
+    def rebuilt(self, qp: int) -> tuple[dict, "onnx.ModelProto"]:
+        """Encode + decode at ``qp`` (not memoized): NNCodec's sizes and times with ``file_bytes``, and the ONNX
+        model rebuilt with its weights, for a caller that judges the model its own way."""
+        from dcformat.onnx_rebuild import rebuild
+
+        if self.proc is None:
+            npz = self.m.tmp / f"{self.m.name}.nnc-in.npz"
+            np.savez(npz, **{k: np.asarray(w.array, dtype=np.float32) for k, w in self.coded.items()})
+            self.proc = subprocess.Popen([str(self.python), str(ROOT / "tools" / "nncodec_peer.py"), str(npz)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        out = self.m.tmp / f"{self.m.name}.nnc-out.npz"
+        self.proc.stdin.write(json.dumps({"qp": qp, "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"nncodec_peer exited at qp {qp} (exit code {self.proc.wait()})")
+        res = json.loads(line)
+        with np.load(out) as z:
+            arrays = {w.name: z[k].astype(w.array.dtype) for k, w in self.coded.items()}
+        model = rebuild(self.blob, {**arrays, **self.kept})
+        res["file_bytes"] = res["bitstream_bytes"] + self.graph_xz_bytes
+        return res, model
 
     def best_at(self, bound: Bound) -> dict | None:
         """The smallest NNCodec file meeting ``bound``: the largest qp that meets it with qp + 1 failing.

@@ -3,6 +3,11 @@ default, each checked on held-out natural test inputs with the model's task chec
 
     python tools/target_table.py                       # every public model with natural inputs
     python tools/target_table.py ddddocr-common --target task   # one model; target 'task' (default) or rel_l2=1e-2 ...
+    python tools/target_table.py --nncodec --json out.json      # also NNCodec at the same test answers
+
+With ``--nncodec`` (``bash tools/install_nncodec.sh`` first), each row also has NNCodec's smallest file whose answers
+on the same test inputs agree at least as well as the dcz --target file's, over NNCodec's one global qp. The qp is
+picked by looking at the test answers, which dcz never sees: an oracle that favours NNCodec.
 
 Calibration inputs (allocation) and test inputs (the table's fidelity) come from tools/natural_inputs.py and are
 disjoint; each split is up to SAMPLES runs (seeds), so one-item models (a text line, a stream) get several items. Prints a Markdown table; --json writes the rows too.
@@ -21,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+import bench  # noqa: E402
 import dcformat  # noqa: E402
 from dcformat import allocate, fidelity, tasks  # noqa: E402
 from dcformat.onnx_ingest import load_model  # noqa: E402
@@ -76,10 +82,55 @@ def accuracy(name: str, model) -> float | None:
     return float(np.mean(next(iter(out.values())).argmax(-1) == y))
 
 
-def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES) -> dict:
+#: NNCodec's qp search on the test answers: the first qp tried, the stride while bracketing (a factor 2.8 in step
+#: size), then bisection to one qp. The range is tools/bench.py's.
+NNCODEC_START = -40
+NNCODEC_STRIDE = 6
+
+
+def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], need: float, python: Path) -> dict | None:
+    """NNCodec's smallest file whose item-weighted task agreement on ``test`` is at least ``need``: the largest qp
+    that agrees that well with the next qp up failing (bracketing by NNCODEC_STRIDE, then bisection; agreement is
+    not always monotone in qp, so a qp above a failing one is not tried). If even the finest qp fails, its numbers
+    with ``met`` False."""
+    from types import SimpleNamespace
+
+    ref = allocate.run_all(load_model(src), test)
+    peer = bench.NNCodecPeer(SimpleNamespace(name=name, path=src, tmp=tmp), python)
+    tried: dict[int, dict] = {}
+
+    def ok(qp: int) -> bool:
+        if qp not in tried:
+            res, model = peer.rebuilt(qp)
+            agree, detail = allocate.task_agreement(name, ref, allocate.run_all(model, test))
+            tried[qp] = {"qp": qp, "bytes": res["file_bytes"], "bitstream": res["bitstream_bytes"], "task": agree,
+                         "accuracy": accuracy(name, model), "detail": detail}
+        return tried[qp]["task"] >= need - 1e-12
+
+    t0 = time.perf_counter()
+    try:
+        lo = NNCODEC_START
+        while not ok(lo):
+            if lo <= bench.NNCODEC_QP_MIN:
+                return {**tried[lo], "met": False, "seconds": time.perf_counter() - t0, "tried": sorted(tried)}
+            lo = max(lo - NNCODEC_STRIDE, bench.NNCODEC_QP_MIN)
+        hi = None
+        while hi is None and lo < bench.NNCODEC_QP_MAX:
+            q = min(lo + NNCODEC_STRIDE, bench.NNCODEC_QP_MAX)
+            lo, hi = (q, None) if ok(q) else (lo, q)
+        while hi is not None and hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    finally:
+        peer.close()
+    return {**tried[lo], "met": True, "seconds": time.perf_counter() - t0, "tried": sorted(tried)}
+
+
+def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES, nncodec: Path | None = None,
+        n_test: int = SAMPLES) -> dict:
     src = _model(name)
     calib = samples(name, src, "calibration", n)
-    test = samples(name, src, "test")
+    test = samples(name, src, "test", n_test)
     row: dict = {"model": name, "original": src.stat().st_size, "calibration_runs": len(calib), "test_runs": len(test)}
     for label, policy in (("paper", dcformat.Policy(quantizer="kmeans", bits={"*": 8})), ("default", dcformat.Policy())):
         r = dcformat.compress(src, tmp / f"{name}.{label}.dcz", policy, overwrite=True)
@@ -95,6 +146,8 @@ def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES) -> dict:
     row["target"] = {"goal": str(goal), "bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel,
                      "met_calibration": alloc.met, "met_test": final.met, "seconds": secs, "runs": alloc.evaluations,
                      "detail": detail, "validation": str(alloc.validation) if alloc.validation else None}
+    if nncodec is not None:
+        row["nncodec"] = nncodec_match(name, src, tmp, test, agree, nncodec)
     return row
 
 
@@ -104,8 +157,15 @@ def main() -> int:
     ap.add_argument("--target", default="task", help="'task' (each model's own check), 'task,changes=V', or METRIC=V")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--calibration-samples", type=int, default=SAMPLES,
-                    help=f"calibration runs (seeds) per model (default {SAMPLES}; the test split keeps {SAMPLES})")
+                    help=f"calibration runs (seeds) per model (default {SAMPLES})")
+    ap.add_argument("--test-samples", type=int, default=SAMPLES,
+                    help=f"test runs (seeds) per model (default {SAMPLES}): more makes the NNCodec oracle less lucky")
+    ap.add_argument("--nncodec", action="store_true",
+                    help="also NNCodec's smallest file with the same test answers (bash tools/install_nncodec.sh first)")
     args = ap.parse_args()
+    nncodec = bench.NNCODEC_VENV / "bin" / "python" if args.nncodec else None
+    if nncodec is not None and not nncodec.exists():
+        ap.error(f"--nncodec: {nncodec} not found; run: bash tools/install_nncodec.sh")
     names = args.names or [n for n in tasks.MODEL_TASKS if n not in ("lenet300", "lenet5", "logreg-iris", "light-resnet50")]
     print(f"# command: python tools/target_table.py {' '.join(sys.argv[1:])}")
     print("| model | original | paper 8-bit k-means | default grid | dcz --target | target met (calib / test) | task agree (test) | rel L2 (test) | seconds |")
@@ -114,7 +174,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         for name in names:
             try:
-                row = run(name, args.target, Path(d), args.calibration_samples)
+                row = run(name, args.target, Path(d), args.calibration_samples, nncodec, args.test_samples)
             except Exception as e:  # one model's failure must not hide the others' numbers
                 print(f"| {name} | failed: {str(e)[:120]} |")
                 continue
@@ -129,6 +189,13 @@ def main() -> int:
                   f"{t['rel_l2']:.1e} | {t['seconds']:.0f} |", flush=True)
             if t["validation"]:
                 print(f"|  | {t['validation']} |", flush=True)
+            if "nncodec" in row:
+                nn = row["nncodec"]
+                numbers = (f"{nn['bytes']:,} ({row['original'] / nn['bytes']:.2f}x, qp {nn['qp']}, task {nn['task']:.2%}"
+                           + (f", accuracy {nn['accuracy']:.2%}" if nn["accuracy"] is not None else "") + ")")
+                print("|  | NNCodec at the same test answers: " + (
+                    f"{numbers}; dcz / NNCodec {t['bytes'] / nn['bytes']:.2f} |" if nn["met"] else
+                    f"none: its finest qp changes more of them, {numbers} |"), flush=True)
             if row["accuracy"]["original"] is not None:
                 print(f"|  | test accuracy {row['accuracy']['original']:.2%} -> {row['accuracy']['target']:.2%} |", flush=True)
     if args.json:
