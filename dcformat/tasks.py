@@ -272,6 +272,12 @@ def yolox_detections(raw: np.ndarray, size: tuple[int, int], score_thr: float) -
     ``raw`` is ``[N, A, 5 + classes]`` (x, y, log w, log h relative to the stride grid; objectness; class
     probabilities) for an input of ``size`` (H, W) and heads of :data:`YOLOX_STRIDES`.
     """
+    boxes, score = _yolox_boxes(raw, size)
+    return [b[_nms(b, s, score_thr)[0]] for b, s in zip(boxes, score)]
+
+
+def _yolox_boxes(raw: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every anchor's box [N, A, 4] (x0, y0, x1, y1) and score [N, A] (objectness x best class), float64."""
     grids, strides = [], []
     for s in YOLOX_STRIDES:
         gh, gw = size[0] // s, size[1] // s
@@ -283,24 +289,30 @@ def yolox_detections(raw: np.ndarray, size: tuple[int, int], score_thr: float) -
     if grid.shape[0] != raw.shape[1]:
         raise InputError(f"yolox output has {raw.shape[1]} anchors; a {size[0]}x{size[1]} input with strides "
                          f"{YOLOX_STRIDES} has {grid.shape[0]}")
-    dets = []
-    for r in raw.astype(np.float64):
-        xy = (r[:, :2] + grid) * stride
-        with np.errstate(over="ignore"):
-            wh = np.exp(r[:, 2:4]) * stride
-        score = r[:, 4] * r[:, 5:].max(1)
-        keep = np.flatnonzero(score >= score_thr)
-        keep = keep[np.argsort(-score[keep], kind="stable")]
-        boxes = np.concatenate([xy[keep] - wh[keep] / 2, xy[keep] + wh[keep] / 2], 1)
-        chosen: list[int] = []
-        alive = np.ones(len(keep), bool)
-        iou = _iou_matrix(boxes, boxes) if len(keep) else np.zeros((0, 0))
-        for i in range(len(keep)):  # over candidate boxes (a handful), never over weights
-            if alive[i]:
-                chosen.append(i)
-                alive &= iou[i] <= NMS_IOU
-        dets.append(boxes[chosen])
-    return dets
+    r = raw.astype(np.float64)
+    xy = (r[..., :2] + grid) * stride
+    with np.errstate(over="ignore"):
+        wh = np.exp(r[..., 2:4]) * stride
+    return np.concatenate([xy - wh / 2, xy + wh / 2], -1), r[..., 4] * r[..., 5:].max(-1)
+
+
+def _nms(boxes: np.ndarray, score: np.ndarray, score_thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """One image's class-agnostic NMS: the kept anchors, best first, and for every anchor the kept anchor that
+    suppressed it (-1 for kept anchors and those under ``score_thr``)."""
+    keep = np.flatnonzero(score >= score_thr)
+    keep = keep[np.argsort(-score[keep], kind="stable")]
+    by = np.full(score.shape[0], -1)
+    chosen: list[int] = []
+    alive = np.ones(len(keep), bool)
+    iou = _iou_matrix(boxes[keep], boxes[keep]) if len(keep) else np.zeros((0, 0))
+    for i in range(len(keep)):  # over candidate boxes (a handful), never over weights
+        if alive[i]:
+            chosen.append(i)
+            hit = alive & ~(iou[i] <= NMS_IOU)  # as YOLOX's NMS: a NaN overlap (an overflowed box) suppresses
+            hit[i] = False
+            by[keep[hit]] = keep[i]
+            alive &= ~hit
+    return keep[chosen], by
 
 
 def _same_boxes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -368,11 +380,10 @@ NEAR_MIN = 64
 def check_and_decisions(name_or_kind: str | TaskSpec, ref_outputs: Mapping[str, np.ndarray],
                         new_outputs: Mapping[str, np.ndarray]) -> tuple[TaskResult, Decisions | None]:
     """:func:`task_check`, and the decisions behind its answers (see :class:`Decisions`), or None for a check
-    without them: ``binary_map``, whose items tolerate some changed pixels; ``yolox``, whose answers also turn on
-    box overlaps (measured on ddddocr-det: a file that kept every calibration box moved test boxes to IoU 0.48
-    while no score decision near its threshold moved; overlaps all share one edge, 0.5, so they say nothing
-    beyond the calibration boxes themselves); classification on label outputs, which have no scores. Raises as
-    :func:`task_check` does."""
+    without them: ``binary_map``, whose items tolerate some changed pixels, and classification on label outputs,
+    which have no scores. ``yolox`` decisions are its scores (in log-odds) that would drop, add or swap a box;
+    its answers also turn on box geometry (a box drifting under IoU 0.5, two boxes crossing the NMS overlap),
+    which they do not cover. Raises as :func:`task_check` does."""
     spec, out, ref, new, thr = _resolve(name_or_kind, ref_outputs, new_outputs)
     result = _CHECKS[spec.kind](out, ref, new, thr, spec)
     fn = _DECISIONS.get(spec.kind)
@@ -477,7 +488,60 @@ def _heatmap_decisions(out, ref, new, thr, spec) -> Decisions:
     return Decisions(np.abs(h[local] - thr), np.abs(new.reshape(h.shape)[local] - h[local]), img[local], h.shape[0])
 
 
+def _yolox_decisions(out, ref, new, thr, spec) -> Decisions:
+    side = _yolox_side(ref.shape[1])
+    boxes, score = _yolox_boxes(ref, (side, side))
+    new_score = _yolox_boxes(new, (side, side))[1]
+    # scores are products of sigmoids: almost every anchor is background at 1e-4 or less, saturated, and in
+    # score units would pile up at slack = thr, which the slack density near the edge cannot tell from a real
+    # crowd there; in log-odds they spread out and move alike
+    logit, cut = _log_odds(score), float(_log_odds(np.float64(thr)))
+    moved = np.abs(_log_odds(new_score) - logit)
+    slack, delta, item = [], [], []
+    for i, (b, s, z, m) in enumerate(zip(boxes, score, logit, moved)):  # over images (a handful)
+        kept, by = _nms(b, s, thr)
+        # a kept box goes if its score falls under the threshold
+        parts = [(z[kept] - cut, m[kept])]
+        # an anchor under it that no kept box would suppress becomes a new box if its score rises over it
+        under = np.flatnonzero(s < thr)
+        if len(kept):
+            under = under[_iou_matrix(b[under], b[kept]).max(1) <= NMS_IOU]
+        parts.append((cut - z[under], m[under]))
+        # a suppressed anchor whose box is not the same as its suppressor's takes its place if it outscores it
+        sup = np.flatnonzero(by >= 0)
+        k = by[sup]
+        lt, rb = np.maximum(b[sup, :2], b[k, :2]), np.minimum(b[sup, 2:], b[k, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), -1)
+        area = np.prod(b[sup, 2:] - b[sup, :2], -1) + np.prod(b[k, 2:] - b[k, :2], -1)
+        swap = inter / np.maximum(area - inter, 1e-12) < DET_MATCH_IOU
+        k, sup = k[swap], sup[swap]
+        parts.append((z[k] - z[sup], np.abs((_log_odds(new_score[i, k]) - z[k]) - (_log_odds(new_score[i, sup]) - z[sup]))))
+        for a, d in parts:
+            near = a < YOLOX_LOGIT_BAND
+            slack.append(a[near])
+            delta.append(d[near])
+            item.append(np.full(int(near.sum()), i))
+    return Decisions(np.concatenate(slack), np.concatenate(delta), np.concatenate(item), ref.shape[0])
+
+
+#: YOLOX anchors further than this (log-odds) from the score threshold are not decisions: background at 1e-4 is
+#: 7 logits under 0.1 and no file near the original moves it there, yet thousands per image would swamp the
+#: slack density near the edge (measured on ddddocr-det: the 64 nearest of 55,126 anchors over 16 images lie
+#: within 1.9 logits, 361 within 4; 10% of all of them reach 7.5).
+YOLOX_LOGIT_BAND = 4.0
+
+#: Log-odds of scores are clipped to this many logits: a score of exactly 0 or 1 (float32 saturation) is that far.
+LOG_ODDS_MAX = 30.0
+
+
+def _log_odds(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.log(p) - np.log1p(-p)
+    return np.clip(np.nan_to_num(z, nan=0.0), -LOG_ODDS_MAX, LOG_ODDS_MAX)
+
+
 _DECISIONS = {
+    "yolox": _yolox_decisions,
     "classification": _classification_decisions,
     "ctc": _ctc_decisions,
     "heatmap_peaks": _heatmap_decisions,

@@ -221,15 +221,41 @@ def test_ctc_decisions_are_the_steps_whose_runner_up_changes_the_string():
     np.testing.assert_allclose(tnc.slack, d.slack)
 
 
-def test_heatmap_decisions_and_none_for_yolox():
+def test_heatmap_decisions():
     heat = np.zeros((1, 1, 6, 6))
     heat[0, 0, 1, 1], heat[0, 0, 4, 4] = 0.25, 0.1  # a face 0.05 above the 0.2 threshold, a bump 0.1 below
     heat += np.arange(36).reshape(6, 6) * 1e-6  # no flat plateaus: the two bumps and one corner are the maxima
     d = _decisions("heatmap_peaks", heat, heat + 0.01)
     assert sorted(np.round(d.slack, 3).tolist())[:2] == [0.05, 0.1] and d.n == 1
     np.testing.assert_allclose(d.delta, 0.01, rtol=1e-6)
-    raw = _yolox_raw([(0, 2, 2, 0.5, 0.5)])
-    assert _decisions("yolox", raw, raw) is None  # boxes turn on overlaps too: no estimate (margin instead)
+
+
+def _logit(p):
+    return np.log(p / (1 - p))
+
+
+def test_yolox_decisions_are_scores_that_would_add_drop_or_swap_a_box():
+    raw = _yolox_raw([(0, 2, 2, 0.5, 0.5)])  # box A: stride 8, cell (2, 2), centre (20, 20), side 8 e^0.5
+    raw[0, raw[0, :, 4] < 0.5, 4] = 1e-4  # background: 9 logits under the 0.1 threshold, outside the band, not a decision
+    side_a = 8 * np.exp(0.5)
+    same = 64 + 1 * 4 + 1  # stride 16, cell (1, 1): x offset 0.25 puts its centre on A's
+    raw[0, same] = [0.25, 0.25, np.log(side_a / 16), np.log(side_a / 16), 0.1, 0.5]  # under 0.1, inside A: suppressed
+    swap = 64 + 16  # stride 32, cell (0, 0), centre (20, 20), 1.4586x A's side: IoU 0.47, suppressed by A (> 0.45)
+    raw[0, swap] = [0.625, 0.625, np.log(1.4586 * side_a / 32), np.log(1.4586 * side_a / 32), 0.6, 0.9]  # but
+    # not the same box (< 0.5): it would replace A if it outscored it
+    lone = 6 * 8 + 6  # stride 8, cell (6, 6): under the threshold, far from A: a new box if it rises over it
+    raw[0, lone, 4:] = [0.1, 0.5]
+    d = _decisions("yolox", raw, raw)
+    assert d.n == 1 and not d.delta.any() and len(d.slack) == 3
+    a = 0.9 * 0.9
+    np.testing.assert_allclose(sorted(d.slack), sorted([_logit(a) - _logit(0.1), _logit(0.1) - _logit(0.05),
+                                                        _logit(a) - _logit(0.54)]), rtol=1e-5)
+    moved = raw.copy()
+    moved[0, lone, 4] = 0.12  # 0.05 -> 0.06
+    moved[0, 16 + 4, 4] = 1e-3  # a background anchor moves 2.3 logits: outside the band, not counted
+    d2 = _decisions("yolox", raw, moved)
+    np.testing.assert_allclose(sorted(d2.delta)[-1], _logit(0.06) - _logit(0.05), rtol=1e-5)
+    assert np.count_nonzero(d2.delta) == 1
 
 
 def test_default_outputs_and_errors():
