@@ -281,3 +281,20 @@ def test_run_models_in_parallel_gives_the_serial_results_in_the_given_order(tmp_
         assert p["settings"][0]["dcz_bytes"] == s["settings"][0]["dcz_bytes"]
         assert p["settings"][0]["fidelity"] == s["settings"][0]["fidelity"]
         assert p["dcz_at_bar"] == s["dcz_at_bar"]
+
+
+@pytest.mark.parametrize("edge", [bench.NNCODEC_QP_MIN - 1, bench.NNCODEC_QP_MIN, -53, -41, -40, -39, -34, -13, -5,
+                                  bench.NNCODEC_QP_MAX])
+def test_target_table_coarsest_qp_is_the_last_qp_that_passes(edge):
+    import target_table
+
+    calls = []
+
+    def ok(qp):
+        assert bench.NNCODEC_QP_MIN <= qp <= bench.NNCODEC_QP_MAX
+        calls.append(qp)
+        return qp <= edge
+
+    got = target_table.coarsest_qp(ok)
+    assert got == (edge if edge >= bench.NNCODEC_QP_MIN else None)
+    assert len(calls) <= 14  # strides over the 60-qp range, then a bisection of one stride

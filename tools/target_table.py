@@ -4,6 +4,7 @@ default, each checked on held-out natural test inputs with the model's task chec
     python tools/target_table.py                       # every public model with natural inputs
     python tools/target_table.py ddddocr-common --target task   # one model; target 'task' (default) or rel_l2=1e-2 ...
     python tools/target_table.py --nncodec --json out.json      # also NNCodec at the same test answers
+    python tools/target_table.py ddddocr-common --nncodec --test-samples 32   # a larger test split
 
 With ``--nncodec`` (``bash tools/install_nncodec.sh`` first), each row also has NNCodec's smallest file whose answers
 on the same test inputs agree at least as well as the dcz --target file's, over NNCodec's one global qp. The qp is
@@ -20,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +90,28 @@ NNCODEC_START = -40
 NNCODEC_STRIDE = 6
 
 
-def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], need: float, python: Path) -> dict | None:
-    """NNCodec's smallest file whose item-weighted task agreement on ``test`` is at least ``need``: the largest qp
-    that agrees that well with the next qp up failing (bracketing by NNCODEC_STRIDE, then bisection; agreement is
-    not always monotone in qp, so a qp above a failing one is not tried). If even the finest qp fails, its numbers
-    with ``met`` False."""
+def coarsest_qp(ok: Callable[[int], bool]) -> int | None:
+    """The largest qp with ``ok(qp)``, the next qp up failing: from NNCODEC_START, finer by NNCODEC_STRIDE until
+    one passes, coarser by it until one fails, then bisection. None if even bench.NNCODEC_QP_MIN fails. Exact
+    where pass / fail is monotone in qp; otherwise a pass above a failing qp is not looked for."""
+    lo = NNCODEC_START
+    while not ok(lo):
+        if lo <= bench.NNCODEC_QP_MIN:
+            return None
+        lo = max(lo - NNCODEC_STRIDE, bench.NNCODEC_QP_MIN)
+    hi = None
+    while hi is None and lo < bench.NNCODEC_QP_MAX:
+        q = min(lo + NNCODEC_STRIDE, bench.NNCODEC_QP_MAX)
+        lo, hi = (q, None) if ok(q) else (lo, q)
+    while hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], need: float, python: Path) -> dict:
+    """NNCodec's smallest file whose item-weighted task agreement on ``test`` is at least ``need``, at the qp
+    :func:`coarsest_qp` finds. If even the finest qp fails, its numbers with ``met`` False."""
     from types import SimpleNamespace
 
     ref = allocate.run_all(load_model(src), test)
@@ -109,21 +128,12 @@ def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], need: float
 
     t0 = time.perf_counter()
     try:
-        lo = NNCODEC_START
-        while not ok(lo):
-            if lo <= bench.NNCODEC_QP_MIN:
-                return {**tried[lo], "met": False, "seconds": time.perf_counter() - t0, "tried": sorted(tried)}
-            lo = max(lo - NNCODEC_STRIDE, bench.NNCODEC_QP_MIN)
-        hi = None
-        while hi is None and lo < bench.NNCODEC_QP_MAX:
-            q = min(lo + NNCODEC_STRIDE, bench.NNCODEC_QP_MAX)
-            lo, hi = (q, None) if ok(q) else (lo, q)
-        while hi is not None and hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        best = coarsest_qp(ok)
     finally:
         peer.close()
-    return {**tried[lo], "met": True, "seconds": time.perf_counter() - t0, "tried": sorted(tried)}
+    if best is None:  # even the finest qp fails: its numbers
+        return {**tried[min(tried)], "met": False, "seconds": time.perf_counter() - t0, "tried": sorted(tried)}
+    return {**tried[best], "met": True, "seconds": time.perf_counter() - t0, "tried": sorted(tried)}
 
 
 def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES, nncodec: Path | None = None,
