@@ -263,8 +263,8 @@ def merge_fidelity(per_run: Sequence[Sequence[fidelity.OutputFidelity]]) -> list
 
 
 def run_all(model, inputs: Inputs) -> list[dict[str, np.ndarray]]:
-    """:func:`fidelity.run` on each feed dict."""
-    return [fidelity.run(model, f) for f in _feeds_list(inputs)]
+    """:func:`fidelity.run` on each feed dict, in one session (:func:`fidelity.run_each`)."""
+    return list(fidelity.run_each(model, _feeds_list(inputs)))
 
 
 @dataclass(frozen=True)
@@ -760,9 +760,11 @@ def input_importance(graph: bytes, weights: Sequence[Weight], inputs: Inputs,
     full = {slots[n][0] for n in slots if _matrix_like(sizes[n]) and sizes[n][slots[n][2]] <= COMPENSATE_MAX_INPUTS}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feeds in _feeds_list(inputs):
+    feeds_list = _feeds_list(inputs)
+    runs = fidelity.run_each(model, feeds_list)  # one session for all feed dicts (see fidelity.run_each)
+    for feeds in feeds_list:
         try:
-            got = {**feeds, **fidelity.run(model, feeds)}
+            got = {**feeds, **next(runs)}
         except InputError:
             return {}
         for act, ch in acts.items():

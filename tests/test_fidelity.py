@@ -375,3 +375,31 @@ def test_run_refuses_inputs_that_are_not_a_mapping():
 
     with pytest.raises(InputError, match="mapping of input name to array, not list"):
         F.run(str(bundled("lenet300.onnx")), [{"input": np.zeros((1, 1, 28, 28), np.float32)}])
+
+
+def test_run_each_runs_every_feed_in_one_session(monkeypatch):
+    """onnxruntime keeps the memory of a destroyed session's runs (microsoft/onnxruntime#26831): a session per feed
+    dict grew magika's process by 300 MB a run. run_each (and allocate.run_all) open one session for all."""
+    from dcformat import allocate
+
+    opened = []
+    real = F._session
+    monkeypatch.setattr(F, "_session", lambda *a: opened.append(1) or real(*a))
+    feeds = [F.random_inputs(LENET300, batch=b, seed=b) for b in (1, 2, 3)]
+    outs = list(F.run_each(LENET300, feeds))
+    assert len(opened) == 1 and [o["logits"].shape for o in outs] == [(1, 10), (2, 10), (3, 10)]
+    for f, o in zip(feeds, outs):
+        np.testing.assert_array_equal(o["logits"], F.run(LENET300, f)["logits"])
+    opened.clear()
+    allocate.run_all(onnx.load(LENET300), feeds)
+    assert len(opened) == 1
+    from dcformat.onnx_ingest import extract_weights
+
+    opened.clear()
+    graph, weights = extract_weights(onnx.load(LENET300))
+    assert allocate.input_importance(graph, weights, feeds)  # the layer-input energies, one session for 3 runs
+    assert len(opened) == 1
+    with pytest.raises(InputError, match=r"input 'input' .*rank 3"):  # a bad feed dict anywhere is named
+        list(F.run_each(LENET300, [feeds[0], {"input": feeds[1]["input"][0]}]))
+    with pytest.raises(InputError, match="mapping of input name to array, not list"):
+        list(F.run_each(LENET300, [feeds[0], [feeds[1]]]))
