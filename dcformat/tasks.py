@@ -258,12 +258,17 @@ def _heatmap_peaks(out, ref, new, thr, spec) -> TaskResult:
 
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (x0, y0, x1, y1)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes ``a`` [..., 4] and ``b`` [..., 4] (x0, y0, x1, y1), pair by pair (broadcast)."""
+    lt = np.maximum(a[..., :2], b[..., :2])
+    rb = np.minimum(a[..., 2:], b[..., 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+    area_a = np.prod(a[..., 2:] - a[..., :2], axis=-1)
+    area_b = np.prod(b[..., 2:] - b[..., :2], axis=-1)
+    return inter / np.maximum(area_a + area_b - inter, 1e-12)
 
 
 def yolox_detections(raw: np.ndarray, size: tuple[int, int], score_thr: float) -> list[np.ndarray]:
@@ -496,26 +501,22 @@ def _yolox_decisions(out, ref, new, thr, spec) -> Decisions:
     # score units would pile up at slack = thr, which the slack density near the edge cannot tell from a real
     # crowd there; in log-odds they spread out and move alike
     logit, cut = _log_odds(score), float(_log_odds(np.float64(thr)))
-    moved = np.abs(_log_odds(new_score) - logit)
+    shift = _log_odds(new_score) - logit
     slack, delta, item = [], [], []
-    for i, (b, s, z, m) in enumerate(zip(boxes, score, logit, moved)):  # over images (a handful)
+    for i, (b, s, z, m) in enumerate(zip(boxes, score, logit, shift)):  # over images (a handful)
         kept, by = _nms(b, s, thr)
         # a kept box goes if its score falls under the threshold
-        parts = [(z[kept] - cut, m[kept])]
+        parts = [(z[kept] - cut, np.abs(m[kept]))]
         # an anchor under it that no kept box would suppress becomes a new box if its score rises over it
         under = np.flatnonzero(s < thr)
         if len(kept):
             under = under[_iou_matrix(b[under], b[kept]).max(1) <= NMS_IOU]
-        parts.append((cut - z[under], m[under]))
+        parts.append((cut - z[under], np.abs(m[under])))
         # a suppressed anchor whose box is not the same as its suppressor's takes its place if it outscores it
         sup = np.flatnonzero(by >= 0)
+        sup = sup[_iou(b[sup], b[by[sup]]) < DET_MATCH_IOU]
         k = by[sup]
-        lt, rb = np.maximum(b[sup, :2], b[k, :2]), np.minimum(b[sup, 2:], b[k, 2:])
-        inter = np.prod(np.clip(rb - lt, 0, None), -1)
-        area = np.prod(b[sup, 2:] - b[sup, :2], -1) + np.prod(b[k, 2:] - b[k, :2], -1)
-        swap = inter / np.maximum(area - inter, 1e-12) < DET_MATCH_IOU
-        k, sup = k[swap], sup[swap]
-        parts.append((z[k] - z[sup], np.abs((_log_odds(new_score[i, k]) - z[k]) - (_log_odds(new_score[i, sup]) - z[sup]))))
+        parts.append((z[k] - z[sup], np.abs(m[k] - m[sup])))
         for a, d in parts:
             near = a < YOLOX_LOGIT_BAND
             slack.append(a[near])

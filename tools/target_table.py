@@ -171,7 +171,8 @@ def main() -> int:
     ap.add_argument("--test-samples", type=int, default=SAMPLES,
                     help=f"test runs (seeds) per model (default {SAMPLES}): more makes the NNCodec oracle less lucky")
     ap.add_argument("--nncodec", action="store_true",
-                    help="also NNCodec's smallest file with the same test answers (bash tools/install_nncodec.sh first)")
+                    help="also NNCodec's smallest file with the same test answers "
+                         "(bash tools/install_nncodec.sh first)")
     args = ap.parse_args()
     nncodec = bench.NNCODEC_VENV / "bin" / "python" if args.nncodec else None
     if nncodec is not None and not nncodec.exists():
@@ -201,7 +202,8 @@ def main() -> int:
                 print(f"|  | {t['validation']} |", flush=True)
             if "nncodec" in row:
                 nn = row["nncodec"]
-                numbers = (f"{nn['bytes']:,} ({row['original'] / nn['bytes']:.2f}x, qp {nn['qp']}, task {nn['task']:.2%}"
+                numbers = (f"{nn['bytes']:,} ({row['original'] / nn['bytes']:.2f}x, qp {nn['qp']}, "
+                           f"task {nn['task']:.2%}"
                            + (f", accuracy {nn['accuracy']:.2%}" if nn["accuracy"] is not None else "") + ")")
                 print("|  | NNCodec at the same test answers: " + (
                     f"{numbers}; dcz / NNCodec {t['bytes'] / nn['bytes']:.2f} |" if nn["met"] else
