@@ -411,8 +411,8 @@ def expected_changes(parts: Sequence[Decisions]) -> float:
     capped at 1. 0 when there are no decisions. It errs high where slacks thin out toward the edge (a digits MLP:
     6% estimated, 1% of held-out digits changed), and transfers: 7.5% on its calibration digits.
     """
+    n = sum(p.n for p in parts)  # items without a decision count: none of their answers can change
     parts = [p for p in parts if p.slack.size]
-    n = sum(p.n for p in parts)
     if not parts or not n:
         return 0.0
     slack = np.concatenate([p.slack for p in parts])

@@ -167,6 +167,10 @@ def test_expected_changes_spreads_the_near_slacks_evenly_down_to_the_edge(monkey
     assert expected_changes([Decisions(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), 3)]) == 0.0
     many = Decisions(np.full(4, 0.01), np.full(4, 1.0), np.zeros(4, np.int64), 1)
     assert expected_changes([many]) == 1.0
+    # a run whose items have no decision near an edge (a YOLOX image with nothing within the band) still counts
+    # its items: they cannot change
+    empty = Decisions(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), 3)
+    assert expected_changes([a, b, empty]) == pytest.approx(4 / 6 * np.mean(p))
 
 
 def test_expected_changes_rest_on_the_slack_density_not_on_the_smallest_slack():
@@ -236,7 +240,7 @@ def _logit(p):
 
 def test_yolox_decisions_are_scores_that_would_add_drop_or_swap_a_box():
     raw = _yolox_raw([(0, 2, 2, 0.5, 0.5)])  # box A: stride 8, cell (2, 2), centre (20, 20), side 8 e^0.5
-    raw[0, raw[0, :, 4] < 0.5, 4] = 1e-4  # background: 9 logits under the 0.1 threshold, outside the band, not a decision
+    raw[0, raw[0, :, 4] < 0.5, 4] = 1e-4  # background: 9 logits under 0.1, outside the band, not a decision
     side_a = 8 * np.exp(0.5)
     same = 64 + 1 * 4 + 1  # stride 16, cell (1, 1): x offset 0.25 puts its centre on A's
     raw[0, same] = [0.25, 0.25, np.log(side_a / 16), np.log(side_a / 16), 0.1, 0.5]  # under 0.1, inside A: suppressed
