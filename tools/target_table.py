@@ -44,8 +44,8 @@ def _model(name: str) -> Path:
     return Path(bundled(f"{name.replace('-', '_')}.onnx"))
 
 
-def _check(name: str, src: Path, dcz: Path, test: list[dict]) -> tuple[float, float, str]:
-    ref = allocate.run_all(load_model(src), test)
+def _check(name: str, ref: list[dict], dcz: Path, test: list[dict]) -> tuple[float, float, str]:
+    """Task agreement, worst rel L2 and detail of ``dcz`` on ``test`` against the original's outputs ``ref``."""
     new = allocate.run_all(dcformat.load(dcz), test)
     fids = allocate.merge_fidelity([fidelity.compare(r, o) for r, o in zip(ref, new)])
     agree, detail = allocate.task_agreement(name, ref, new)
@@ -109,12 +109,13 @@ def coarsest_qp(ok: Callable[[int], bool]) -> int | None:
     return lo
 
 
-def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], need: float, python: Path) -> dict:
+def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], ref: list[dict], need: float,
+                  python: Path) -> dict:
     """NNCodec's smallest file whose item-weighted task agreement on ``test`` is at least ``need``, at the qp
-    :func:`coarsest_qp` finds. If even the finest qp fails, its numbers with ``met`` False."""
+    :func:`coarsest_qp` finds (``ref``: the original's outputs on ``test``). If even the finest qp fails, its
+    numbers with ``met`` False."""
     from types import SimpleNamespace
 
-    ref = allocate.run_all(load_model(src), test)
     peer = bench.NNCodecPeer(SimpleNamespace(name=name, path=src, tmp=tmp), python)
     tried: dict[int, dict] = {}
 
@@ -141,23 +142,24 @@ def run(name: str, target_text: str, tmp: Path, n: int = SAMPLES, nncodec: Path 
     src = _model(name)
     calib = samples(name, src, "calibration", n)
     test = samples(name, src, "test", n_test)
+    ref = allocate.run_all(load_model(src), test)  # the original's answers, once for every file checked
     row: dict = {"model": name, "original": src.stat().st_size, "calibration_runs": len(calib), "test_runs": len(test)}
     for label, policy in (("paper", dcformat.Policy(quantizer="kmeans", bits={"*": 8})), ("default", dcformat.Policy())):
         r = dcformat.compress(src, tmp / f"{name}.{label}.dcz", policy, overwrite=True)
-        agree, rel, _ = _check(name, src, r.output, test)
+        agree, rel, _ = _check(name, ref, r.output, test)
         row[label] = {"bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel}
     goal = allocate.Target.parse(f"task={name}{target_text[4:]}" if target_text.startswith("task") else target_text)
     t0 = time.perf_counter()
     r, alloc, final = allocate.compress_to_target(src, tmp / f"{name}.target.dcz", dcformat.Policy(), goal, calib,
                                                   check_inputs=test, overwrite=True)
     secs = time.perf_counter() - t0
-    agree, rel, detail = _check(name, src, r.output, test)
+    agree, rel, detail = _check(name, ref, r.output, test)
     row["accuracy"] = {"original": accuracy(name, load_model(src)), "target": accuracy(name, dcformat.load(r.output))}
     row["target"] = {"goal": str(goal), "bytes": r.dcz_bytes, "ratio": r.ratio, "task": agree, "rel_l2": rel,
                      "met_calibration": alloc.met, "met_test": final.met, "seconds": secs, "runs": alloc.evaluations,
                      "detail": detail, "validation": str(alloc.validation) if alloc.validation else None}
     if nncodec is not None:
-        row["nncodec"] = nncodec_match(name, src, tmp, test, agree, nncodec)
+        row["nncodec"] = nncodec_match(name, src, tmp, test, ref, agree, nncodec)
     return row
 
 
