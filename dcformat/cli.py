@@ -144,9 +144,10 @@ KIND_HELP = f"Kinds: {', '.join(KINDS)}; '*' = every kind."
 @click.option("--per-channel", is_flag=True, help="Uniform grid: one scale per output channel (fits BN-folded convs).")
 @click.option("--target", metavar="METRIC=V",
               help="Choose per-tensor settings automatically: the smallest file whose outputs on the calibration inputs "
-                   "meet rel_l2=V (every output), cosine=V, top1=V, or task=CHECK (same task answers: a kind such as ctc, "
-                   "classification, binary_map, heatmap_peaks, yolox, vad, pitch, or a public model name; add ,changes=V to "
-                   "allow an estimated share V of new items to change, default 0.01); verified by decoding the file "
+                   "meet rel_l2=V (every output), cosine=V, top1=V, or task=CHECK[,changes=V] (the same task answers, "
+                   "but for a share V, default 0.01, of the calibration items and of new items as estimated; CHECK is "
+                   "a kind such as ctc, classification, binary_map, heatmap_peaks, yolox, vad, pitch, or a public "
+                   "model name); verified by decoding the file "
                    "and running it. E.g. --target rel_l2=1e-2, --target task=ctc,changes=0.05.")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --target: a .npz of real inputs keyed by graph input name (default: random inputs, with a warning).")
