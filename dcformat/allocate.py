@@ -48,9 +48,10 @@ __all__ = ["Target", "Verification", "Validation", "Held", "compress_to_target",
 #: nearest a fidelity bound was 10% larger than needed). The finest are for tensors the outputs hang on: when the
 #: ladder stopped at 3e-4, the next step up for such a tensor was raw float32 (basic-pitch: a 9,216-weight conv
 #: went raw, 36.9 kB where its finest grid took 9.0 kB, and the --target file was 96,711 bytes; with the finer
-#: steps, 48,104 with every test frame kept). Steps finer than a grid's codes allow (quantize.MAX_K levels) are not tried. The
-#: steps above 3e-4 are the same as before the ladder went finer: the search's pass / fail is not monotone in its
-#: multiplier, and shifting every step by a fraction moved ppocr-cls's file by 30% (106 -> 138 kB) for no reason.
+#: steps, 48,104 with every test frame kept). Steps finer than a grid's codes allow (quantize.MAX_K levels) are
+#: not tried. The steps above 3e-4 are the same as before the ladder went finer: the search's pass / fail is not
+#: monotone in its multiplier, and shifting every step by a fraction moved ppocr-cls's file by 30% (106 -> 138 kB)
+#: for no reason.
 CANDIDATE_ERRORS: tuple[float, ...] = tuple(float(x) for x in np.concatenate([
     3e-4 * ((0.5 / 3e-4) ** (1 / 32)) ** np.arange(-15, 0), np.geomspace(3e-4, 0.5, 33)]))
 #: Error at which each tensor's sensitivity is measured: large enough to stand above float32 noise in the
