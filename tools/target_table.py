@@ -125,7 +125,7 @@ def nncodec_match(name: str, src: Path, tmp: Path, test: list[dict], ref: list[d
             agree, detail = allocate.task_agreement(name, ref, allocate.run_all(model, test))
             tried[qp] = {"qp": qp, "bytes": res["file_bytes"], "bitstream": res["bitstream_bytes"], "task": agree,
                          "accuracy": accuracy(name, model), "detail": detail}
-        return tried[qp]["task"] >= need - 1e-12
+        return tried[qp]["task"] >= need - allocate.AGREEMENT_ROUNDING
 
     t0 = time.perf_counter()
     try:
