@@ -1,6 +1,7 @@
 """Automatic allocation (--target), the probe that feeds weights as inputs, and dcz sensitivity."""
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -78,6 +79,32 @@ def test_candidate_ladder_goes_finer_than_3e4_until_the_grid_runs_out_of_codes()
     best = min(cands, key=lambda c: c.bits + lam * c.sq_error)
     assert raw.bits + lam * raw.sq_error < at_old_floor.bits + lam * at_old_floor.sq_error
     assert 0 < best.rel_error < 3e-4 and best.bits < raw.bits / 2
+
+
+def test_large_tensors_get_a_ladder_twice_as_fine():
+    """A tensor of FINE_LADDER_ELEMENTS or more also tries the geometric midpoints of CANDIDATE_ERRORS, so one
+    step moves it by half as many bits; a smaller one keeps the plain ladder."""
+    rng = np.random.default_rng(1)
+    n = allocate.FINE_LADDER_ELEMENTS
+
+    def ladder(size):
+        x = rng.laplace(size=size).astype(np.float32)
+        return sorted((c for c in allocate.candidates(x) if c.rel_error), key=lambda c: c.rel_error)
+
+    small, large = ladder(n - 1), ladder(n)
+    plain = set(allocate.CANDIDATE_ERRORS)
+    assert {c.rel_error for c in small} <= plain
+    coarse = [c for c in large if c.rel_error >= 1e-3]
+    mids = [c for c in coarse if c.rel_error not in plain]
+    assert len(mids) > 20 and all((a in mids) != (b in mids) for a, b in zip(coarse, coarse[1:]))  # they alternate
+    for a, m, b in zip(coarse, coarse[1:], coarse[2:]):
+        if m in mids:
+            assert a.rel_error < m.rel_error < b.rel_error and math.isclose(m.rel_error ** 2, a.rel_error * b.rel_error)
+            assert a.sq_error < m.sq_error < b.sq_error and a.bits > m.bits > b.bits
+    # bits per weight between neighbouring steps: about a third of a bit on the plain ladder, a sixth on the fine one
+    per_step = lambda lad: np.median([(a.bits - b.bits) / n for a, b in zip(lad, lad[1:]) if a.rel_error >= 1e-3])
+    assert 0.25 < per_step(small) < 0.4 and 0.12 < per_step(large) < 0.2
+
 
 def test_probe_feeds_weights_and_matches_a_rebuild():
     calib, _, _ = _mnist()
