@@ -95,6 +95,25 @@ def test_never_overwrites_input(lenet):
     assert lenet.read_bytes() == bundled("lenet300.onnx").read_bytes()
 
 
+def test_says_when_the_file_grows(lenet, tmp_path):
+    """A model too small to have a weight worth coding gets a .dcz larger than itself, and the user is told why."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32).tolist())
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    tiny = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph), tiny)
+    r = run("compress", tiny)
+    assert r.exit_code == 0, r.output
+    assert tiny.with_suffix(".dcz").stat().st_size > tiny.stat().st_size
+    assert "larger than the original: no weight was coded (weights under --min-elements, 1,024," in r.output
+    r = run("compress", lenet)
+    assert r.exit_code == 0 and "larger than the original" not in r.output
+
+
 def test_quiet_prints_nothing(lenet):
     r = run("compress", lenet, "-q")
     assert r.exit_code == 0 and r.output == ""
