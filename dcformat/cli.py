@@ -236,11 +236,15 @@ def compress(model, output, force, preset, quantizer, error, bits, index_bits, s
         click.echo(f"{model} -> {result.output}: {result.original_bytes:,} -> {result.dcz_bytes:,} bytes "
                    f"({result.ratio:.2f}x) in {seconds:.1f} s; {coded} of {len(result.tensors)} weights coded")
         if result.dcz_bytes > result.original_bytes:
-            why = ("the model has no weight tensor to code (its parameters, if any, are node attributes)"
-                   if not result.tensors else
-                   f"no weight was coded (weights under --min-elements, {policy.min_elements:,}, are stored as they "
-                   f"are)" if not coded else "coding the weights saved less than the container costs")
-            why += "; the file's header, index and metadata only add to it" if not coded else ""
+            if not result.tensors:
+                why = "the model has no weight tensor to code (its parameters, if any, are node attributes)"
+            elif not coded:
+                why = (f"no weight was coded (weights under --min-elements, {policy.min_elements:,}, or set raw are "
+                       f"stored as they are)")
+            else:
+                why = "coding the weights saved less than the container costs"
+            if not coded:
+                why += "; the file's header, index and metadata only add to it"
             click.echo(f"dcz: note: the .dcz is larger than the original: {why}", err=True)
         if alloc is not None:
             pc = sum(c.candidate.per_channel for c in alloc.choices)
