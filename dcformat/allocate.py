@@ -1115,9 +1115,10 @@ class Allocator:
         runs0 = self.probe.runs
         say = self.say
         discrete = target.metric in ("task", "top1")
+        estimates = self._estimates(target)
         n = len(self.probe.inputs)
         if margin is None:
-            margin = DISCRETE_MARGIN if discrete and not self._estimates(target) else 1.0
+            margin = DISCRETE_MARGIN if discrete and not estimates else 1.0
         validation = None
         if discrete and validate and n >= 2:
             k = min(VALIDATION_FOLDS, n)
@@ -1132,7 +1133,7 @@ class Allocator:
                     # a fold holds when its held-out items keep their answers, up to the share of them the target
                     # lets change (a task target's estimate on a quarter of the runs is the search's business, not
                     # what the fold is asked)
-                    ok = found and (agree >= target.agreement_floor(self._estimates(target)) if target.metric == "task"
+                    ok = found and (agree >= target.agreement_floor(estimates) if target.metric == "task"
                                     else self.measure(choice, target, 1.0, held)[0])
                     folds.append(Held(margin, len(fit), len(held), items, agree, ok,
                                       int(sum(c.bits for c in choice.values()) / 8)))
