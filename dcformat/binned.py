@@ -100,11 +100,15 @@ def plan(freq: np.ndarray, alphabet_size: int, bound: int | None = None) -> Binn
         b, t, _ = _bins_of(present - center, k)
         n_bins = bin_alphabet(alphabet_size, k)
         bin_counts = np.bincount(b, weights=counts, minlength=n_bins).astype(np.int64)
-        built = rans.build_model(bin_counts, n_bins)
+        rest = _header_bytes(alphabet_size) + math.ceil(float(np.dot(counts, t)) / 8)
+        # The bins must beat both the alternative and the best plan so far: rANS rejects them from their entropy
+        # alone when they cannot (most tries), before sizing every precision.
+        beat = [x - rest for x in (bound, None if best is None else best.size) if x is not None]
+        built = rans.build_model(bin_counts, n_bins, bound=min(beat) if beat else None)
         if built is None:
             continue
         model, bins_size = built
-        size = _header_bytes(alphabet_size) + bins_size + math.ceil(float(np.dot(counts, t)) / 8)
+        size = rest + bins_size
         if best is None or size < best.size:
             best = BinnedPlan(k, center, model, size)
     if best is None or (bound is not None and best.size >= bound):
