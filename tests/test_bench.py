@@ -298,3 +298,22 @@ def test_target_table_coarsest_qp_is_the_last_qp_that_passes(edge):
     got = target_table.coarsest_qp(ok)
     assert got == (edge if edge >= bench.NNCODEC_QP_MIN else None)
     assert len(calls) <= 14  # strides over the 60-qp range, then a bisection of one stride
+
+
+def _blas_threads() -> list[int]:
+    import threadpoolctl
+
+    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_workers_run_blas_on_their_share_of_the_cores(monkeypatch):
+    # numpy's BLAS sizes its pool when numpy is imported, which a spawned worker does before its initializer runs:
+    # the share must be in the environment the worker starts with (two workers each on every core oversubscribed
+    # the machine), and the parent's environment is left as it was.
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)  # two workers on two cores: one thread each
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    with bench._workers(2) as pool:
+        threads = pool.submit(_blas_threads).result()
+    assert threads and all(t == 1 for t in threads)
+    assert "OPENBLAS_NUM_THREADS" not in bench.os.environ

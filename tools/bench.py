@@ -29,6 +29,7 @@ unchanged), which dcz's default also meets; NNCodec's best size at that bar is s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import lzma
 import math
@@ -836,11 +837,41 @@ def _ort_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+#: Environment variables that size the thread pools of numpy's BLAS and of NNCodec's torch. A BLAS reads them once,
+#: when numpy is first imported: a spawned worker imports numpy (with this module) before its initializer runs, so
+#: they must be in the environment it starts with. Set in the initializer only, each of two workers ran OpenBLAS on
+#: 2 threads, 4 on 2 cores.
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def _worker_init(jobs: int) -> None:
-    """A benchmark process's share of the machine: onnxruntime and NNCodec's torch on cpus / jobs threads."""
+    """A benchmark process's share of the machine: onnxruntime on cpus / jobs threads (BLAS and NNCodec's torch
+    get it from the environment the worker started with: :data:`BLAS_THREAD_VARS`)."""
     fidelity.ORT_THREADS = _ort_threads(jobs)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(_ort_threads(jobs))
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``values`` in os.environ (which spawned processes start with) for the duration; the old ones after."""
+    saved = {var: os.environ.get(var) for var in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+@contextlib.contextmanager
+def _workers(jobs: int):
+    """A pool of ``jobs`` benchmark processes, each with its share of the machine (:func:`_worker_init`)."""
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no onnxruntime state shared across a fork
+    with _environ({var: str(_ort_threads(jobs)) for var in BLAS_THREAD_VARS}), \
+            ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(jobs,)) as pool:
+        yield pool
 
 
 def run_models(targets: list[tuple[str, Path]], settings: list[str], tmp: Path, nncodec: Path | None,
@@ -857,8 +888,7 @@ def run_models(targets: list[tuple[str, Path]], settings: list[str], tmp: Path, 
             say(targets[i][0])
             out[i] = bench_model(targets[i][0], Path(targets[i][1]), settings, tmp, nncodec=nncodec, nncodec_qps=qps)
         return [out[i] for i in range(len(targets))]
-    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no onnxruntime state shared across a fork
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(jobs,)) as pool:
+    with _workers(jobs) as pool:
         futures = {}
         for i in order:
             name, path = targets[i]
