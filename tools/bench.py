@@ -837,16 +837,16 @@ def _ort_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-#: Environment variables that size the thread pools of numpy's BLAS and of NNCodec's torch. A BLAS reads them once,
-#: when numpy is first imported: a spawned worker imports numpy (with this module) before its initializer runs, so
-#: they must be in the environment it starts with. Set in the initializer only, each of two workers ran OpenBLAS on
-#: 2 threads, 4 on 2 cores.
+#: Environment variables that size numpy's BLAS thread pool (in the workers, and in NNCodec's peer, which inherits
+#: them). A BLAS reads them once, when numpy is first imported: a spawned worker imports numpy (with this module)
+#: before its initializer runs, so they must be in the environment it starts with. Set in the initializer only,
+#: each of two workers ran OpenBLAS on 2 threads, 4 on 2 cores (the bench took 641 s; 529 s with them set).
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _worker_init(jobs: int) -> None:
-    """A benchmark process's share of the machine: onnxruntime on cpus / jobs threads (BLAS and NNCodec's torch
-    get it from the environment the worker started with: :data:`BLAS_THREAD_VARS`)."""
+    """A benchmark process's share of the machine: onnxruntime on cpus / jobs threads (its BLAS gets the same from
+    the environment the worker started with: :data:`BLAS_THREAD_VARS`)."""
     fidelity.ORT_THREADS = _ort_threads(jobs)
 
 
