@@ -145,3 +145,41 @@ def test_probe_trial_runs_do_not_accumulate_the_trial_weights(tmp_path):
     assert r["mode"] == "initializers"
     assert r["growth"] < MAX_PROBE_GROWTH_TENSORS * w.nbytes, \
         f"{r['growth'] / 2**20:.0f} MiB more after {PROBE_RUNS} trial runs of an 8 MiB weight"
+
+
+_KEPT_OUTPUTS_CHILD = r"""
+import json, sys
+import numpy as np, onnx
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+from dcformat import allocate
+from dcformat.onnx_ingest import extract_weights
+graph, weights = extract_weights(onnx.load(sys.argv[1]))
+x = np.ones((%(batch)d, %(k)d), np.float32)
+probe = allocate.Probe(graph, weights, [{"x": x}, {"x": x}], mode="initializers")
+w = weights[0].array
+kept = [probe._run({"W": w * 0.5})]  # the first trial run's one-off costs
+before = rss()
+for i in range(%(runs)d):
+    kept.append(probe._run({"W": w * (1 + i / 100)}))  # as the allocator's memo of outputs keeps them
+print("RESULT " + json.dumps({"growth": rss() - before, "owned": all(o["s"].flags.owndata for r in kept for o in r)}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_kept_outputs_do_not_keep_their_session_memory(tmp_path):
+    """onnxruntime returns outputs as views of its session's memory: a kept output kept the session's whole arena
+    with it (magika: 300 MB a run, a --target search killed at 17 GB). Outputs are copied into their own memory, so
+    keeping small outputs of a model with a large intermediate costs the outputs alone."""
+    batch, k, n = 512, 64, 8192  # a 16 MiB intermediate, a 2 KiB output
+    w = np.random.default_rng(2).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])], [numpy_helper.from_array(w, "W")])
+    src = tmp_path / "wide.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8), src)
+    runs = 20
+    r = _child(_KEPT_OUTPUTS_CHILD % {"batch": batch, "k": k, "runs": runs}, src)
+    assert r["owned"]
+    assert r["growth"] < 4 * batch * n * 4, f"{r['growth'] / 2**20:.0f} MiB more after keeping {runs} runs' outputs"
